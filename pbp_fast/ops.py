@@ -1,0 +1,132 @@
+"""The registered ops of pbp_fast: fake (meta) implementations, autograd, and the backend table.
+
+Schemas live in csrc/ops.cpp (TORCH_LIBRARY(pbp_fast)); CPU kernels in csrc/cpu, CUDA kernels in
+kernels/ (Triton) and csrc/cuda.  Everything here is shape logic and glue; the math is in
+``pbp_fast.reference``.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from pbp_fast import _C  # noqa: F401  (registers the pbp_fast:: ops and their CPU kernels)
+    HAVE_C = True
+except ImportError as exc:  # pragma: no cover - exercised only without a build
+    HAVE_C = False
+    _C_ERROR = exc
+
+# Order of the gradients returned by dendritic_conv2d_bwd (and of its output_mask).
+BWD_INPUTS = ("x", "weight", "bias", "d_weight", "d_bias", "d_scale", "d_cascade")
+
+
+def backends() -> list[str]:
+    """The backends usable in this process, best last: "reference" always, "cpp" when the compiled
+    extension loaded, "triton" when Triton and a CUDA device are present."""
+    out = ["reference"]
+    if HAVE_C:
+        out.append("cpp")
+    if triton_available():
+        out.append("triton")
+    return out
+
+
+def triton_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """The layout rule shared by every kernel: NHWC when the tensor is channels_last-contiguous and
+    not also NCHW-contiguous (ambiguous shapes count as NCHW)."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
+        and not t.is_contiguous()
+
+
+def conv_out_size(size, k, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def _out_shape(x, d_weight, stride, padding, dilation):
+    kh, kw = d_weight.shape[-2:]
+    return (x.shape[0], d_weight.shape[1],
+            conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0]),
+            conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1]))
+
+
+def _empty_like_layout(shape, like, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return like.new_empty(shape).contiguous(memory_format=fmt)
+
+
+def _stacked_like(d, y):
+    """(d, *y.shape) where each slice has y's layout."""
+    if is_channels_last(y):
+        n, c, h, w = y.shape
+        return y.new_empty((d, n, h, w, c)).permute(0, 1, 4, 2, 3)
+    return y.new_empty((d,) + tuple(y.shape))
+
+
+if HAVE_C:
+    @torch.library.register_fake("pbp_fast::dendritic_conv2d_fwd")
+    def _(x, weight, bias, base, d_weight, d_bias, d_scale, d_cascade, stride, padding,
+          dilation, groups, save_s):
+        y = _empty_like_layout(_out_shape(x, d_weight, stride, padding, dilation), x,
+                               is_channels_last(x))
+        s = _stacked_like(d_weight.shape[0], y) if save_s else x.new_empty(0)
+        return y, s
+
+    @torch.library.register_fake("pbp_fast::dendritic_conv2d_bwd")
+    def _(grad_y, x, weight, d_weight, d_scale, d_cascade, s, stride, padding, dilation, groups,
+          output_mask):
+        like = (x, weight, d_scale.new_empty(d_scale.shape[1]) if weight is not None else None,
+                d_weight, d_scale, d_scale, d_cascade)
+        out = []
+        for need, t in zip(output_mask, like):
+            if need and t is not None:
+                out.append(_empty_like_layout(t.shape, t, is_channels_last(t)))
+            else:
+                out.append(x.new_empty(0))
+        return tuple(out)
+
+    @torch.library.register_fake("pbp_fast::candidate_pass")
+    def _(x, weight, bias, cascade, s, e, mean_e, sign, stride, padding, dilation, groups):
+        c = weight.shape[0]
+        d = 0 if cascade is None else cascade.shape[0]
+        return (x.new_empty((4, c), dtype=torch.float32),
+                _empty_like_layout(weight.shape, weight, False), weight.new_empty(c),
+                weight.new_empty((d, c)))
+
+    def _fwd_setup(ctx, inputs, output):
+        (x, weight, bias, base, d_weight, d_bias, d_scale, d_cascade, stride, padding, dilation,
+         groups, save_s) = inputs
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.has = (bias is not None, base is not None, d_bias is not None, d_cascade is not None)
+        ctx.save_for_backward(x, weight, d_weight, d_scale, d_cascade, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    def _fwd_backward(ctx, grad_y, _grad_s):
+        x, weight, d_weight, d_scale, d_cascade, s = ctx.saved_tensors
+        has_bias, has_base, has_d_bias, has_cascade = ctx.has
+        n = ctx.needs_input_grad
+        # needs_input_grad follows the op's inputs: x weight bias base d_weight d_bias d_scale
+        # d_cascade ...
+        mask = [n[0] and weight is not None, n[1], n[2] and has_bias, n[4], n[5] and has_d_bias,
+                n[6], n[7] and has_cascade]
+        if any(mask[3:]) and s.numel() == 0 and d_weight.shape[0] > 0:
+            raise RuntimeError("pbp_fast: dendrite gradients need the forward's activations; "
+                               "call the op with save_s=True")
+        grads = torch.ops.pbp_fast.dendritic_conv2d_bwd(
+            grad_y.contiguous(memory_format=torch.channels_last if is_channels_last(x)
+                              else torch.contiguous_format),
+            x, weight, d_weight, d_scale, d_cascade, s, *ctx.conv, mask)
+        gx, gw, gb, gdw, gdb, gds, gdc = (g if m else None for g, m in zip(grads, mask))
+        gbase = grad_y if (has_base and n[3]) else None
+        return gx, gw, gb, gbase, gdw, gdb, gds, gdc, None, None, None, None, None
+
+    torch.library.register_autograd("pbp_fast::dendritic_conv2d_fwd", _fwd_backward,
+                                    setup_context=_fwd_setup)

@@ -1,0 +1,110 @@
+"""The plain-PyTorch math of Perforated Backpropagation: the oracle for every fused backend and
+the fallback when the compiled extension is missing.  DESIGN.md "Math" is the contract:
+
+    z   = conv(x; W, b)            (the caller applies BatchNorm and passes z as ``base``)
+    a_k = conv(x~; W_k, b_k) + sum_{j<k} kappa[k, j] * s_j        x~ = x.detach() (perforated)
+    s_k = sigmoid(a_k)
+    y   = base + z + sum_k alpha[k] * s_k                         (per output channel)
+
+Everything here is ordinary autograd; no function here is used on a fast path.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+STAT_NAMES = ("v", "e", "ve", "ee")  # rows of the per-channel candidate statistics
+
+
+def _ch(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-output-channel vector broadcast against an (N, C, *spatial) tensor."""
+    return t.view(1, -1, *([1] * (like.dim() - 2)))
+
+
+def dendrite_activations(x, d_weight, d_bias, d_cascade, stride, padding, dilation, groups):
+    """s_k for k = 0..D-1 as a list, computed from the detached input (perforated)."""
+    xd = x.detach()
+    s = []
+    for k in range(d_weight.shape[0]):
+        a = F.conv2d(xd, d_weight[k], None if d_bias is None else d_bias[k],
+                     stride, padding, dilation, groups)
+        for j in range(k):
+            a = a + _ch(d_cascade[k, j], a) * s[j]
+        s.append(torch.sigmoid(a))
+    return s
+
+
+def dendritic_conv2d(x, weight, bias, d_weight, d_bias, d_scale, d_cascade=None, stride=1,
+                     padding=0, dilation=1, groups=1, base=None, save_s=False):
+    """y = base + conv(x; weight, bias) + sum_k d_scale[k] * s_k.  Returns (y, s) where s is the
+    (D, N, Cout, Ho, Wo) stack of dendrite activations when ``save_s`` (else an empty tensor)."""
+    s = dendrite_activations(x, d_weight, d_bias, d_cascade, stride, padding, dilation, groups)
+    y = base
+    if weight is not None:
+        z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        y = z if y is None else y + z
+    for k, sk in enumerate(s):
+        term = _ch(d_scale[k], sk) * sk
+        y = term if y is None else y + term
+    if save_s:
+        s_out = torch.stack([t.detach() for t in s]) if s else x.new_empty((0,) + tuple(y.shape))
+    else:
+        s_out = x.new_empty(0)
+    return y, s_out
+
+
+def candidate_activation(x, weight, bias, cascade, s, stride, padding, dilation, groups):
+    """v = sigmoid(conv(x~; W_c, b_c) + sum_j kappa_c[j] * s_j)."""
+    a = F.conv2d(x.detach(), weight, bias, stride, padding, dilation, groups)
+    if cascade is not None:
+        for j in range(cascade.shape[0]):
+            a = a + _ch(cascade[j], a) * s[j]
+    return torch.sigmoid(a)
+
+
+def candidate_stats(v, e):
+    """Per-channel sums over batch and space: rows (sum v, sum e, sum v*e, sum e*e), float32
+    (accumulated in float64)."""
+    dims = [0] + list(range(2, v.dim()))
+    v64, e64 = v.double(), e.double()
+    return torch.stack([v64.sum(dims), e64.sum(dims), (v64 * e64).sum(dims),
+                        (e64 * e64).sum(dims)]).float()
+
+
+def candidate_grad_v(e, mean_e, sign):
+    """dL_c/dv = -sign(C_c) * (e - mean_e_c) / n with n = batch x spatial positions."""
+    n = e.numel() // e.shape[1]
+    return -_ch(sign, e) * (e - _ch(mean_e, e)) / n
+
+
+def candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, stride=1, padding=0,
+                   dilation=1, groups=1):
+    """One candidate's statistics and weight gradients for one batch.
+    Returns (stats (4, Cout) float32, grad_weight, grad_bias (Cout,), grad_cascade (D, Cout))."""
+    w = weight.detach().requires_grad_()
+    b = (torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+         if bias is None else bias.detach()).requires_grad_()
+    c = (weight.new_zeros(0, weight.shape[0]) if cascade is None else cascade.detach()).requires_grad_()
+    with torch.enable_grad():
+        v = candidate_activation(x, w, b, c if c.shape[0] else None, s, stride, padding,
+                                 dilation, groups)
+        gw, gb, gc = torch.autograd.grad(v, (w, b, c), candidate_grad_v(e, mean_e, sign),
+                                         allow_unused=True)
+    gc = torch.zeros_like(c) if gc is None else gc
+    return candidate_stats(v.detach(), e), gw, gb, gc
+
+
+def update_running_stats(mean, count, batches, sums, n, warmup_batches=10, momentum=0.99):
+    """Running per-channel means of (v, e, v*e, e*e): cumulative for the first ``warmup_batches``
+    batches, then an exponential moving average with ``momentum``.  All tensors (no host sync):
+    ``mean`` (4, C) float64, ``count`` and ``batches`` 0-dim float64.  Returns the new triple."""
+    batch_mean = sums.double() / n
+    w = torch.where(batches < warmup_batches, n / (count + n),
+                    torch.full_like(count, 1.0 - momentum))
+    return mean + w * (batch_mean - mean), count + n, batches + 1
+
+
+def correlation(mean, eps=1e-12):
+    """C_c = mean((v - mean_v)(e - mean_e)) / std(e_c) from the running means (4, C)."""
+    m_v, m_e, m_ve, m_ee = mean
+    return (m_ve - m_v * m_e) / torch.sqrt((m_ee - m_e * m_e).clamp_min(0) + eps)
