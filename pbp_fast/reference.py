@@ -28,7 +28,7 @@ def dendrite_activations(x, d_weight, d_bias, d_cascade, stride, padding, dilati
     for k in range(d_weight.shape[0]):
         a = F.conv2d(xd, d_weight[k], None if d_bias is None else d_bias[k],
                      stride, padding, dilation, groups)
-        for j in range(k):
+        for j in range(k if d_cascade is not None else 0):
             a = a + _ch(d_cascade[k, j], a) * s[j]
         s.append(torch.sigmoid(a))
     return s

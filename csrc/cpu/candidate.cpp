@@ -1,0 +1,245 @@
+// CPU kernel of pbp_fast::candidate_pass: one candidate's forward, its correlation statistics,
+// and its weight gradients, for one batch.
+//
+//   a = conv(x; W_c, b_c) + sum_j kappa_j s_j,  v = sigmoid(a)
+//   stats_c += (v, e, v e, e e)                       (per output channel, float64 sums)
+//   dL/da = -sign_c (e - mean_e_c) / n * v (1 - v)    -> grad b_c, grad kappa_j, grad W_c
+//
+// Depthwise candidates run a direct kernel (conv, epilogue and weight gradient per output row
+// of a plane, or per output pixel in NHWC); others use an ATen conv for a and for grad W.
+#include "common.h"
+
+#include <torch/library.h>
+
+namespace pbp {
+namespace {
+
+// Accumulator: rows v, e, ve, ee, grad_bias, grad_cascade[D] (Cout each), then grad W taps.
+struct CandAcc {
+  int64_t D, Cout;
+  int64_t stat(int64_t r) const { return r * Cout; }
+  int64_t bias() const { return 4 * Cout; }
+  int64_t casc(int64_t j) const { return (5 + j) * Cout; }
+  int64_t taps() const { return (5 + D) * Cout; }
+};
+
+// One line: a (pre-activation without cascade) is overwritten with dL/da.
+template <bool CH_INNER, typename T>
+PBP_INLINE void cand_line(int64_t L, int64_t D, int64_t Cout, T* a, const T* const* s,
+                          const T* casc, const T* e, const T* mean_e, const T* sign, T inv_n,
+                          double* acc, const CandAcc& ix) {
+  for (int64_t j = 0; j < D; ++j) {
+    const T* kap = casc + j * Cout;
+    const T* sj = s[j];
+    for (int64_t i = 0; i < L; ++i) a[i] = a[i] + param<CH_INNER>(kap, i) * sj[i];
+  }
+  if (CH_INNER) {
+    for (int64_t i = 0; i < L; ++i) {
+      const T v = sigmoid(a[i]), ei = e[i];
+      acc[ix.stat(0) + i] += double(v);
+      acc[ix.stat(1) + i] += double(ei);
+      acc[ix.stat(2) + i] += double(v * ei);
+      acc[ix.stat(3) + i] += double(ei * ei);
+      a[i] = -sign[i] * (ei - mean_e[i]) * inv_n * v * (T(1) - v);
+    }
+  } else {
+    T sv = 0, se = 0, sve = 0, see = 0;
+    const T sg = sign[0], me = mean_e[0];
+    for (int64_t i = 0; i < L; ++i) {
+      const T v = sigmoid(a[i]), ei = e[i];
+      sv += v; se += ei; sve += v * ei; see += ei * ei;
+      a[i] = -sg * (ei - me) * inv_n * v * (T(1) - v);
+    }
+    acc[ix.stat(0)] += double(sv); acc[ix.stat(1)] += double(se);
+    acc[ix.stat(2)] += double(sve); acc[ix.stat(3)] += double(see);
+  }
+  acc_add<CH_INNER>(acc + ix.bias(), L, (const T*)a, (const T*)nullptr);
+  for (int64_t j = 0; j < D; ++j) acc_add<CH_INNER>(acc + ix.casc(j), L, (const T*)a, s[j]);
+}
+
+template <typename T>
+struct Args {
+  const T *x, *w, *b, *casc, *e, *mean_e, *sign;
+  std::vector<const T*> s;  // D stacked activations, layout of e
+  T inv_n;
+};
+
+template <typename T>
+std::vector<double> dw_candidate(const Geom& g, const Args<T>& p) {
+  const int64_t D = (int64_t)p.s.size(), C = g.Cout, KK = g.KH * g.KW, HW = g.HW();
+  const CandAcc ix{D, C};
+  const int64_t size = ix.taps() + C * KK, slice = g.N * C * HW;
+  const bool cl = g.channels_last;
+  return chunked_sum(g.N, size, [&](int64_t n0, int64_t n1, double* acc) {
+    const int64_t L = cl ? C : g.Wo;
+    std::vector<T> a(L);
+    std::vector<const T*> sl(D);
+    for (int64_t n = n0; n < n1; ++n) {
+      if (!cl) {
+        for (int64_t c = 0; c < C; ++c) {
+          const T* xp = p.x + (n * C + c) * g.H * g.W;
+          const T* wc = p.w + c * KK;
+          for (int64_t oh = 0; oh < g.Ho; ++oh) {
+            std::fill(a.begin(), a.end(), p.b ? p.b[c] : T(0));
+            for (int64_t i = 0; i < g.KH; ++i) {
+              const int64_t ih = oh * g.SH - g.PH + i * g.DH;
+              if (ih < 0 || ih >= g.H) continue;
+              const T* xr = xp + ih * g.W;
+              for (int64_t j = 0; j < g.KW; ++j) {
+                int64_t lo, hi, off = j * g.DW - g.PW;
+                tap_range(g.Wo, g.W, g.SW, off, lo, hi);
+                const T wv = wc[i * g.KW + j];
+                for (int64_t ow = lo; ow < hi; ++ow) a[ow] += wv * xr[ow * g.SW + off];
+              }
+            }
+            const int64_t o = (n * C + c) * HW + oh * g.Wo;
+            for (int64_t k = 0; k < D; ++k) sl[k] = p.s[k] + o;
+            cand_line<false>(g.Wo, D, C, a.data(), sl.data(), p.casc + c, p.e + o,
+                             p.mean_e + c, p.sign + c, p.inv_n, acc + c, ix);
+            for (int64_t i = 0; i < g.KH; ++i) {
+              const int64_t ih = oh * g.SH - g.PH + i * g.DH;
+              if (ih < 0 || ih >= g.H) continue;
+              const T* xr = xp + ih * g.W;
+              for (int64_t j = 0; j < g.KW; ++j) {
+                int64_t lo, hi, off = j * g.DW - g.PW;
+                tap_range(g.Wo, g.W, g.SW, off, lo, hi);
+                T sum = 0;
+                for (int64_t ow = lo; ow < hi; ++ow) sum += a[ow] * xr[ow * g.SW + off];
+                acc[ix.taps() + c * KK + i * g.KW + j] += double(sum);
+              }
+            }
+          }
+        }
+        continue;
+      }
+      for (int64_t oh = 0; oh < g.Ho; ++oh) {
+        for (int64_t ow = 0; ow < g.Wo; ++ow) {
+          if (p.b) std::copy(p.b, p.b + C, a.begin()); else std::fill(a.begin(), a.end(), T(0));
+          for (int64_t i = 0; i < g.KH; ++i) {
+            const int64_t ih = oh * g.SH - g.PH + i * g.DH;
+            if (ih < 0 || ih >= g.H) continue;
+            for (int64_t j = 0; j < g.KW; ++j) {
+              const int64_t iw = ow * g.SW - g.PW + j * g.DW;
+              if (iw < 0 || iw >= g.W) continue;
+              const T* xv = p.x + ((n * g.H + ih) * g.W + iw) * C;
+              const T* wv = p.w + (i * g.KW + j) * C;
+              for (int64_t c = 0; c < C; ++c) a[c] += wv[c] * xv[c];
+            }
+          }
+          const int64_t o = (n * HW + oh * g.Wo + ow) * C;
+          for (int64_t k = 0; k < D; ++k) sl[k] = p.s[k] + o;
+          cand_line<true>(C, D, C, a.data(), sl.data(), p.casc, p.e + o, p.mean_e, p.sign,
+                          p.inv_n, acc, ix);
+          for (int64_t i = 0; i < g.KH; ++i) {
+            const int64_t ih = oh * g.SH - g.PH + i * g.DH;
+            if (ih < 0 || ih >= g.H) continue;
+            for (int64_t j = 0; j < g.KW; ++j) {
+              const int64_t iw = ow * g.SW - g.PW + j * g.DW;
+              if (iw < 0 || iw >= g.W) continue;
+              const T* xv = p.x + ((n * g.H + ih) * g.W + iw) * C;
+              double* t = acc + ix.taps() + (i * g.KW + j) * C;
+              for (int64_t c = 0; c < C; ++c) t[c] += double(a[c] * xv[c]);
+            }
+          }
+        }
+      }
+    }
+    (void)slice;
+  });
+}
+
+PBP_CLONES std::vector<double> run_dw_candidate(const Geom& g, const Args<float>& p) {
+  return dw_candidate<float>(g, p);
+}
+std::vector<double> run_dw_candidate(const Geom& g, const Args<double>& p) {
+  return dw_candidate<double>(g, p);
+}
+
+// General convs: `a` is the conv output (layout of e); overwritten with dL/da.
+template <typename T>
+std::vector<double> candidate_epilogue(const Geom& g, T* a, const Args<T>& p) {
+  const int64_t D = (int64_t)p.s.size(), C = g.Cout, HW = g.HW();
+  const CandAcc ix{D, C};
+  const bool cl = g.channels_last;
+  return chunked_sum(cl ? g.N * HW : g.N, ix.taps(), [&](int64_t l0, int64_t l1, double* acc) {
+    std::vector<const T*> sl(D);
+    for (int64_t l = l0; l < l1; ++l) {
+      for (int64_t c = 0; c < (cl ? 1 : C); ++c) {
+        const int64_t o = cl ? l * C : (l * C + c) * HW;
+        for (int64_t k = 0; k < D; ++k) sl[k] = p.s[k] + o;
+        if (cl)
+          cand_line<true>(C, D, C, a + o, sl.data(), p.casc, p.e + o, p.mean_e, p.sign, p.inv_n,
+                          acc, ix);
+        else
+          cand_line<false>(HW, D, C, a + o, sl.data(), p.casc + c, p.e + o, p.mean_e + c,
+                           p.sign + c, p.inv_n, acc + c, ix);
+      }
+    }
+  });
+}
+
+PBP_CLONES std::vector<double> run_candidate_epilogue(const Geom& g, float* a,
+                                                      const Args<float>& p) {
+  return candidate_epilogue<float>(g, a, p);
+}
+std::vector<double> run_candidate_epilogue(const Geom& g, double* a,
+                                                      const Args<double>& p) {
+  return candidate_epilogue<double>(g, a, p);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> candidate_cpu(
+    const at::Tensor& x_, const at::Tensor& weight, const std::optional<at::Tensor>& bias_,
+    const std::optional<at::Tensor>& cascade_, const std::optional<at::Tensor>& s_,
+    const at::Tensor& e_, const at::Tensor& mean_e_, const at::Tensor& sign_,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const Geom g = make_geom(x_, weight.unsqueeze(0), stride, padding, dilation, groups);
+  const auto fmt = format_of(g.channels_last);
+  const int64_t C = g.Cout, KK = g.KH * g.KW;
+  const int64_t D = cascade_.has_value() ? cascade_->size(0) : 0;
+  auto x = x_.contiguous(fmt), e = e_.contiguous(fmt);
+  auto mean_e = mean_e_.contiguous(), sign = sign_.contiguous();
+  auto cascade = D ? cascade_->contiguous() : at::Tensor();
+  std::vector<at::Tensor> s;
+  for (int64_t k = 0; k < D; ++k) s.push_back((*s_)[k].contiguous(fmt));
+  auto bias = bias_.has_value() ? bias_->contiguous() : at::Tensor();
+  auto opt = x.options();
+  const CandAcc ix{D, C};
+  std::vector<double> acc;
+  at::Tensor gw;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "candidate_pass", [&] {
+    using T = scalar_t;
+    Args<T> p{x.data_ptr<T>(), nullptr, bias.defined() ? bias.data_ptr<T>() : nullptr,
+              D ? cascade.data_ptr<T>() : nullptr, e.data_ptr<T>(), mean_e.data_ptr<T>(),
+              sign.data_ptr<T>(), {}, T(1) / T(std::max<int64_t>(1, g.N * g.HW()))};
+    for (auto& t : s) p.s.push_back(t.data_ptr<T>());
+    if (is_depthwise(g)) {
+      auto wt = g.channels_last ? weight.reshape({C, KK}).t().contiguous() : weight.contiguous();
+      p.w = wt.data_ptr<T>();
+      acc = run_dw_candidate(g, p);
+      const int64_t off = ix.taps();
+      auto t = at::from_blob(acc.data() + off, {C * KK}, at::kDouble).to(opt.dtype());
+      gw = (g.channels_last ? t.reshape({KK, C}).t() : t.reshape({C, KK}))
+               .reshape(weight.sizes()).contiguous();
+    } else {
+      auto a = at::convolution(x, weight, bias.defined() ? std::optional<at::Tensor>(bias)
+                                                         : std::nullopt,
+                               stride, padding, dilation, false, {0, 0}, groups)
+                   .contiguous(fmt);
+      acc = run_candidate_epilogue(g, a.data_ptr<T>(), p);
+      gw = std::get<1>(at::convolution_backward(a, x, weight, std::nullopt, stride, padding,
+                                                dilation, false, {0, 0}, groups,
+                                                {false, true, false}));
+    }
+  });
+  auto all = at::from_blob(acc.data(), {(5 + D) * C}, at::kDouble);
+  auto stats = all.narrow(0, 0, 4 * C).to(at::kFloat).reshape({4, C}).clone();
+  auto gb = all.narrow(0, 4 * C, C).to(opt.dtype()).clone();
+  auto gc = all.narrow(0, 5 * C, D * C).to(opt.dtype()).reshape({D, C}).clone();
+  return {stats, gw, gb, gc};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pbp_fast, CPU, m) { m.impl("candidate_pass", &candidate_cpu); }
+
+}  // namespace pbp

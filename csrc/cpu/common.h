@@ -1,0 +1,192 @@
+// Shared pieces of the CPU kernels: conv geometry, layout, vectorisable math, the dendrite
+// epilogue on one line of outputs, and deterministic chunked reductions.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace pbp {
+
+// Hot loops get an AVX2+FMA clone on x86-64, picked at load time; other CPUs run the default.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PBP_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define PBP_CLONES
+#endif
+#define PBP_INLINE inline __attribute__((always_inline))
+
+struct Geom {
+  int64_t N, Cin, H, W, Cout, Ho, Wo, KH, KW, SH, SW, PH, PW, DH, DW, groups;
+  bool channels_last;
+  int64_t HW() const { return Ho * Wo; }
+};
+
+// NHWC when channels_last-contiguous and not also NCHW-contiguous (same rule as pbp_fast/ops.py).
+inline bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+inline at::MemoryFormat format_of(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+inline Geom make_geom(const at::Tensor& x, const at::Tensor& d_weight, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4 && d_weight.dim() == 5, "pbp_fast: x must be 4-D, d_weight 5-D");
+  Geom g;
+  g.N = x.size(0); g.Cin = x.size(1); g.H = x.size(2); g.W = x.size(3);
+  g.Cout = d_weight.size(1); g.KH = d_weight.size(3); g.KW = d_weight.size(4);
+  g.SH = stride[0]; g.SW = stride[1]; g.PH = padding[0]; g.PW = padding[1];
+  g.DH = dilation[0]; g.DW = dilation[1]; g.groups = groups;
+  g.Ho = (g.H + 2 * g.PH - g.DH * (g.KH - 1) - 1) / g.SH + 1;
+  g.Wo = (g.W + 2 * g.PW - g.DW * (g.KW - 1) - 1) / g.SW + 1;
+  g.channels_last = is_channels_last(x);
+  TORCH_CHECK(g.Ho > 0 && g.Wo > 0, "pbp_fast: empty output");
+  return g;
+}
+
+inline bool is_depthwise(const Geom& g) { return g.groups == g.Cin && g.Cout == g.Cin; }
+
+// The stacked (D, N, C, Ho, Wo) activations with every slice in the layout of y.
+inline at::Tensor empty_stacked(int64_t D, const Geom& g, const at::TensorOptions& opt) {
+  if (g.channels_last)
+    return at::empty({D, g.N, g.Ho, g.Wo, g.Cout}, opt).permute({0, 1, 4, 2, 3});
+  return at::empty({D, g.N, g.Cout, g.Ho, g.Wo}, opt);
+}
+
+// exp for float that the compiler vectorises: 2^n * p(r), |rel err| < 2e-7 on the clamped range.
+PBP_INLINE float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float t = x * 1.44269504088896341f;
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(float));
+  return p * scale;
+}
+PBP_INLINE double fast_exp(double x) { return std::exp(x); }
+template <typename T>
+PBP_INLINE T sigmoid(T a) { return T(1) / (T(1) + fast_exp(-a)); }
+
+// Per-line parameter access: along a line the channel is fixed (NCHW, scalar) or varies with
+// the position (NHWC, the line runs over channels c0, c0 + 1, ...).
+template <bool CH_INNER, typename T>
+PBP_INLINE T param(const T* p, int64_t i) { return CH_INNER ? p[i] : p[0]; }
+
+// The forward epilogue on one line of L outputs. a[k] are the dendrite pre-activations (without
+// cascade; may alias s[k]); s[k] receives the activations; y = base + main + sum alpha_k s_k.
+// alpha = d_scale + c0, casc = d_cascade + c0 (strides Cout per k, D * Cout per row).
+template <bool CH_INNER, typename T>
+PBP_INLINE void fwd_line(int64_t L, int64_t D, int64_t Cout, const T* base, const T* main,
+                         const T* const* a, const T* alpha, const T* casc, T* y, T* const* s) {
+  for (int64_t i = 0; i < L; ++i) y[i] = (base ? base[i] : T(0)) + (main ? main[i] : T(0));
+  for (int64_t k = 0; k < D; ++k) {
+    T* sk = s[k];
+    const T* ak = a[k];
+    if (sk != ak)
+      for (int64_t i = 0; i < L; ++i) sk[i] = ak[i];
+    for (int64_t j = 0; j < k; ++j) {
+      const T* kap = casc + (k * D + j) * Cout;
+      const T* sj = s[j];
+      for (int64_t i = 0; i < L; ++i) sk[i] += param<CH_INNER>(kap, i) * sj[i];
+    }
+    const T* al = alpha + k * Cout;
+    for (int64_t i = 0; i < L; ++i) {
+      const T v = sigmoid(sk[i]);
+      sk[i] = v;
+      y[i] += param<CH_INNER>(al, i) * v;
+    }
+  }
+}
+
+// Accumulator layout of the backward's per-channel sums (float64, Cout each):
+// [grad_bias | grad_alpha (D) | grad_d_bias (D) | grad_cascade (D * D)], then kernel sums.
+struct BwdAcc {
+  int64_t D, Cout;
+  int64_t bias() const { return 0; }
+  int64_t alpha(int64_t k) const { return (1 + k) * Cout; }
+  int64_t dbias(int64_t k) const { return (1 + D + k) * Cout; }
+  int64_t casc(int64_t k, int64_t j) const { return (1 + 2 * D + k * D + j) * Cout; }
+  int64_t size() const { return (1 + 2 * D + D * D) * Cout; }
+};
+
+template <bool CH_INNER, typename T>
+PBP_INLINE void acc_add(double* acc, int64_t L, const T* u, const T* w) {
+  // acc (+c0 already applied) += sum over the line of u * w (w may be null: plain sum).
+  if (CH_INNER) {
+    if (w) for (int64_t i = 0; i < L; ++i) acc[i] += double(u[i] * w[i]);
+    else   for (int64_t i = 0; i < L; ++i) acc[i] += double(u[i]);
+  } else {
+    T sum = 0;
+    if (w) for (int64_t i = 0; i < L; ++i) sum += u[i] * w[i];
+    else   for (int64_t i = 0; i < L; ++i) sum += u[i];
+    acc[0] += double(sum);
+  }
+}
+
+// The backward epilogue on one line: from g = dL/dy and the activations s, accumulate the
+// per-channel sums of BwdAcc (acc already offset by c0) and, when need_da, write
+// da[k] = dL/da_k = (g alpha_k + sum_{m>k} da_m kappa_{m,k}) s_k (1 - s_k).
+template <bool CH_INNER, typename T>
+PBP_INLINE void bwd_line(int64_t L, int64_t D, int64_t Cout, const T* gy, const T* const* s,
+                         const T* alpha, const T* casc, bool need_bias, bool need_alpha,
+                         bool need_da, T* const* da, double* acc, const BwdAcc& ix) {
+  if (need_bias) acc_add<CH_INNER>(acc + ix.bias(), L, gy, (const T*)nullptr);
+  if (need_alpha)
+    for (int64_t k = 0; k < D; ++k) acc_add<CH_INNER>(acc + ix.alpha(k), L, gy, s[k]);
+  if (!need_da) return;
+  for (int64_t k = D - 1; k >= 0; --k) {
+    T* dk = da[k];
+    const T* al = alpha + k * Cout;
+    for (int64_t i = 0; i < L; ++i) dk[i] = gy[i] * param<CH_INNER>(al, i);
+    for (int64_t m = k + 1; m < D; ++m) {
+      const T* kap = casc + (m * D + k) * Cout;
+      const T* dm = da[m];
+      for (int64_t i = 0; i < L; ++i) dk[i] += dm[i] * param<CH_INNER>(kap, i);
+    }
+    const T* sk = s[k];
+    for (int64_t i = 0; i < L; ++i) dk[i] *= sk[i] * (T(1) - sk[i]);
+    acc_add<CH_INNER>(acc + ix.dbias(k), L, dk, (const T*)nullptr);
+    for (int64_t j = 0; j < k; ++j) acc_add<CH_INNER>(acc + ix.casc(k, j), L, dk, s[j]);
+  }
+}
+
+// Deterministic parallel reduction: items [0, n) are cut into a fixed number of chunks (not
+// depending on the thread count), each chunk sums into its own float64 buffer of `size`, and
+// the buffers are added in chunk order.
+template <typename F>
+std::vector<double> chunked_sum(int64_t n, int64_t size, const F& body) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(n, 64));
+  std::vector<double> bufs(chunks * size, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      body(n * c / chunks, n * (c + 1) / chunks, bufs.data() + c * size);
+  });
+  std::vector<double> out(size, 0.0);
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t i = 0; i < size; ++i) out[i] += bufs[c * size + i];
+  return out;
+}
+
+// The valid output range [lo, hi) for one kernel tap along one axis: 0 <= o*s + off < in.
+inline void tap_range(int64_t out, int64_t in, int64_t s, int64_t off, int64_t& lo, int64_t& hi) {
+  lo = off >= 0 ? 0 : (-off + s - 1) / s;
+  hi = off >= in ? 0 : std::min(out, (in - 1 - off) / s + 1);
+  if (hi < lo) hi = lo;
+}
+
+}  // namespace pbp

@@ -1,0 +1,568 @@
+// CPU kernels of pbp_fast::dendritic_conv2d_fwd / _bwd.
+//
+// Depthwise convs (groups == Cin == Cout) run a direct kernel that computes the main conv and all
+// D dendrites from one read of each input window and applies the epilogue in registers/L1
+// (NCHW: one output row of one plane at a time; NHWC: one output pixel, all channels).
+// Other convs run one ATen convolution over the stacked weights [W; W_0; ...; W_{D-1}] (one pass
+// over the input) followed by the fused epilogue. The backward is perforated: x receives the
+// gradient of the main conv only.
+#include "common.h"
+
+#include <torch/library.h>
+
+namespace pbp {
+namespace {
+
+template <typename T>
+struct View {  // element (n, c, pixel) of an (N, C, Ho*Wo) tensor in either layout
+  T* p = nullptr;
+  int64_t bs = 0, cs = 0, ps = 0;
+  T* at(int64_t n, int64_t c, int64_t pix) const { return p ? p + n * bs + c * cs + pix * ps : nullptr; }
+};
+
+template <typename T>
+View<T> view_of(const at::Tensor& t, const Geom& g) {  // t is (N, C, Ho, Wo) in g's layout
+  if (!t.defined() || t.numel() == 0) return {};
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), g.channels_last ? t.stride(3) : 1};
+}
+
+at::Tensor opt_or(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+
+// ---------------------------------------------------------------- depthwise, forward
+template <typename T>
+void dw_fwd(const Geom& g, const T* x, const std::vector<const T*>& w,
+            const std::vector<const T*>& b, bool has_main, const View<T>& base,
+            const T* alpha, const T* casc, const View<T>& y, const std::vector<View<T>>& s) {
+  const int64_t M = (int64_t)w.size(), D = M - (has_main ? 1 : 0), C = g.Cout;
+  const int64_t KK = g.KH * g.KW;
+  const bool save = !s.empty();
+  if (!g.channels_last) {
+    at::parallel_for(0, g.N * C, 1, [&](int64_t p0, int64_t p1) {
+      std::vector<T> acc(M * g.Wo), tmp(D * g.Wo);
+      std::vector<const T*> a(D);
+      std::vector<T*> sl(D);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n = p / C, c = p % C;
+        const T* xp = x + p * g.H * g.W;
+        for (int64_t oh = 0; oh < g.Ho; ++oh) {
+          for (int64_t m = 0; m < M; ++m) {
+            T* row = acc.data() + m * g.Wo;
+            std::fill(row, row + g.Wo, b[m] ? b[m][c] : T(0));
+            const T* wm = w[m] + c * KK;
+            for (int64_t i = 0; i < g.KH; ++i) {
+              const int64_t ih = oh * g.SH - g.PH + i * g.DH;
+              if (ih < 0 || ih >= g.H) continue;
+              const T* xr = xp + ih * g.W;
+              for (int64_t j = 0; j < g.KW; ++j) {
+                int64_t lo, hi, off = j * g.DW - g.PW;
+                tap_range(g.Wo, g.W, g.SW, off, lo, hi);
+                const T wv = wm[i * g.KW + j];
+                if (g.SW == 1) {
+                  const T* xo = xr + off;
+                  for (int64_t ow = lo; ow < hi; ++ow) row[ow] += wv * xo[ow];
+                } else {
+                  for (int64_t ow = lo; ow < hi; ++ow) row[ow] += wv * xr[ow * g.SW + off];
+                }
+              }
+            }
+          }
+          const int64_t pix = oh * g.Wo;
+          for (int64_t k = 0; k < D; ++k) {
+            a[k] = acc.data() + (M - D + k) * g.Wo;
+            sl[k] = save ? s[k].at(n, c, pix) : tmp.data() + k * g.Wo;
+          }
+          fwd_line<false>(g.Wo, D, C, (const T*)base.at(n, c, pix),
+                          has_main ? (const T*)acc.data() : nullptr, a.data(), alpha + c,
+                          casc + c, y.at(n, c, pix), sl.data());
+        }
+      }
+    });
+    return;
+  }
+  // NHWC: w[m] holds the transposed taps (KH*KW, C).
+  at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<T> acc(M * C), tmp(D * C);
+    std::vector<const T*> a(D);
+    std::vector<T*> sl(D);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / g.Ho, oh = r % g.Ho;
+      for (int64_t ow = 0; ow < g.Wo; ++ow) {
+        for (int64_t m = 0; m < M; ++m) {
+          T* row = acc.data() + m * C;
+          if (b[m]) std::copy(b[m], b[m] + C, row); else std::fill(row, row + C, T(0));
+          for (int64_t i = 0; i < g.KH; ++i) {
+            const int64_t ih = oh * g.SH - g.PH + i * g.DH;
+            if (ih < 0 || ih >= g.H) continue;
+            for (int64_t j = 0; j < g.KW; ++j) {
+              const int64_t iw = ow * g.SW - g.PW + j * g.DW;
+              if (iw < 0 || iw >= g.W) continue;
+              const T* xv = x + ((n * g.H + ih) * g.W + iw) * C;
+              const T* wv = w[m] + (i * g.KW + j) * C;
+              for (int64_t c = 0; c < C; ++c) row[c] += wv[c] * xv[c];
+            }
+          }
+        }
+        const int64_t pix = oh * g.Wo + ow;
+        for (int64_t k = 0; k < D; ++k) {
+          a[k] = acc.data() + (M - D + k) * C;
+          sl[k] = save ? s[k].at(n, 0, pix) : tmp.data() + k * C;
+        }
+        fwd_line<true>(C, D, C, (const T*)base.at(n, 0, pix),
+                       has_main ? (const T*)acc.data() : nullptr, a.data(), alpha, casc,
+                       y.at(n, 0, pix), sl.data());
+      }
+    }
+  });
+}
+
+PBP_CLONES void run_dw_fwd(const Geom& g, const float* x, const std::vector<const float*>& w,
+                           const std::vector<const float*>& b, bool has_main,
+                           const View<float>& base, const float* alpha, const float* casc,
+                           const View<float>& y, const std::vector<View<float>>& s) {
+  dw_fwd<float>(g, x, w, b, has_main, base, alpha, casc, y, s);
+}
+void run_dw_fwd(const Geom& g, const double* x, const std::vector<const double*>& w,
+                           const std::vector<const double*>& b, bool has_main,
+                           const View<double>& base, const double* alpha, const double* casc,
+                           const View<double>& y, const std::vector<View<double>>& s) {
+  dw_fwd<double>(g, x, w, b, has_main, base, alpha, casc, y, s);
+}
+
+// ---------------------------------------------------------------- epilogue over conv outputs
+template <typename T>
+void epilogue_fwd(const Geom& g, const View<T>& main, const std::vector<View<T>>& a,
+                  const View<T>& base, const T* alpha, const T* casc, const View<T>& y,
+                  const std::vector<View<T>>& s) {
+  const int64_t D = (int64_t)a.size(), C = g.Cout, HW = g.HW();
+  const bool save = !s.empty();
+  const bool cl = g.channels_last;
+  at::parallel_for(0, cl ? g.N * HW : g.N * C, 16, [&](int64_t l0, int64_t l1) {
+    const int64_t L = cl ? C : HW;
+    std::vector<T> tmp(D * L);
+    std::vector<const T*> al(D);
+    std::vector<T*> sl(D);
+    for (int64_t l = l0; l < l1; ++l) {
+      const int64_t n = cl ? l / HW : l / C, c = cl ? 0 : l % C, pix = cl ? l % HW : 0;
+      for (int64_t k = 0; k < D; ++k) {
+        al[k] = a[k].at(n, c, pix);
+        sl[k] = save ? s[k].at(n, c, pix) : tmp.data() + k * L;
+      }
+      if (cl)
+        fwd_line<true>(L, D, C, (const T*)base.at(n, c, pix), (const T*)main.at(n, c, pix),
+                       al.data(), alpha, casc, y.at(n, c, pix), sl.data());
+      else
+        fwd_line<false>(L, D, C, (const T*)base.at(n, c, pix), (const T*)main.at(n, c, pix),
+                        al.data(), alpha + c, casc + c, y.at(n, c, pix), sl.data());
+    }
+  });
+}
+
+PBP_CLONES void run_epilogue_fwd(const Geom& g, const View<float>& main,
+                                 const std::vector<View<float>>& a, const View<float>& base,
+                                 const float* alpha, const float* casc, const View<float>& y,
+                                 const std::vector<View<float>>& s) {
+  epilogue_fwd<float>(g, main, a, base, alpha, casc, y, s);
+}
+void run_epilogue_fwd(const Geom& g, const View<double>& main,
+                                 const std::vector<View<double>>& a, const View<double>& base,
+                                 const double* alpha, const double* casc, const View<double>& y,
+                                 const std::vector<View<double>>& s) {
+  epilogue_fwd<double>(g, main, a, base, alpha, casc, y, s);
+}
+
+// The weights of all members stacked for one convolution; for groups > 1 the members are
+// interleaved per group so that each group's output block holds main and dendrites together.
+at::Tensor stack_members(const std::vector<at::Tensor>& ws, int64_t groups) {
+  auto st = at::stack(ws);  // (M, Cout, ...)
+  const int64_t M = st.size(0), Cout = st.size(1);
+  auto shape = st.sizes().vec();
+  std::vector<int64_t> v = {M, groups, Cout / groups};
+  v.insert(v.end(), shape.begin() + 2, shape.end());
+  auto out = st.reshape(v).transpose(0, 1).contiguous();
+  std::vector<int64_t> flat = {M * Cout};
+  flat.insert(flat.end(), shape.begin() + 2, shape.end());
+  return out.reshape(flat);
+}
+
+// View of member m of a stacked, group-interleaved conv output (N, M * Cout, Ho, Wo).
+template <typename T>
+View<T> member_view(const at::Tensor& A, const Geom& g, int64_t M, int64_t m) {
+  View<T> v = view_of<T>(A, g);
+  // channel c of member m sits at (c / Cg) * M * Cg + m * Cg + c % Cg; for groups == 1 that is
+  // m * Cout + c, an offset; for groups > 1 the caller uses per-member tensors instead.
+  v.p += m * g.Cout * v.cs;
+  return v;
+}
+
+std::vector<at::Tensor> member_weights(const at::Tensor& weight, const at::Tensor& d_weight) {
+  std::vector<at::Tensor> ws;
+  if (weight.defined()) ws.push_back(weight);
+  for (int64_t k = 0; k < d_weight.size(0); ++k) ws.push_back(d_weight[k]);
+  return ws;
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_cpu(
+    const at::Tensor& x_, const std::optional<at::Tensor>& weight_,
+    const std::optional<at::Tensor>& bias_, const std::optional<at::Tensor>& base_,
+    const at::Tensor& d_weight, const std::optional<at::Tensor>& d_bias_,
+    const at::Tensor& d_scale_, const std::optional<at::Tensor>& d_cascade_,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    bool save_s) {
+  const Geom g = make_geom(x_, d_weight, stride, padding, dilation, groups);
+  const auto fmt = format_of(g.channels_last);
+  const int64_t D = d_weight.size(0), C = g.Cout;
+  auto x = x_.contiguous(fmt);
+  auto weight = opt_or(weight_), bias = opt_or(bias_), d_bias = opt_or(d_bias_);
+  auto base = base_.has_value() ? base_->contiguous(fmt) : at::Tensor();
+  auto d_scale = d_scale_.contiguous();
+  auto d_cascade = d_cascade_.has_value() ? d_cascade_->contiguous()
+                                          : at::zeros({D, D, C}, d_scale.options());
+  auto y = at::empty({g.N, C, g.Ho, g.Wo}, x.options().memory_format(fmt));
+  auto s = save_s ? empty_stacked(D, g, x.options()) : at::empty({0}, x.options());
+  if (g.N == 0) {
+    if (base.defined()) y.copy_(base); else y.zero_();
+    return {y, s};
+  }
+  const bool has_main = weight.defined();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dendritic_conv2d_fwd", [&] {
+    using T = scalar_t;
+    std::vector<View<T>> sv;
+    for (int64_t k = 0; save_s && k < D; ++k) sv.push_back(view_of<T>(s[k], g));
+    const View<T> yv = view_of<T>(y, g), bv = view_of<T>(base, g);
+    const T* alpha = d_scale.data_ptr<T>();
+    const T* casc = d_cascade.data_ptr<T>();
+    if (is_depthwise(g)) {
+      std::vector<at::Tensor> keep = member_weights(weight, d_weight);
+      std::vector<const T*> w, b;
+      for (auto& t : keep) {
+        t = g.channels_last ? t.reshape({C, g.KH * g.KW}).t().contiguous() : t.contiguous();
+        w.push_back(t.data_ptr<T>());
+      }
+      auto biasc = bias.defined() ? bias.contiguous() : bias;
+      auto dbiasc = d_bias.defined() ? d_bias.contiguous() : d_bias;
+      if (has_main) b.push_back(biasc.defined() ? biasc.data_ptr<T>() : nullptr);
+      for (int64_t k = 0; k < D; ++k)
+        b.push_back(dbiasc.defined() ? dbiasc.data_ptr<T>() + k * C : nullptr);
+      run_dw_fwd(g, x.data_ptr<T>(), w, b, has_main, bv, alpha, casc, yv, sv);
+      return;
+    }
+    // General convs: one convolution over the stacked members, then the epilogue.
+    std::vector<at::Tensor> ws = member_weights(weight, d_weight), bs;
+    const int64_t M = (int64_t)ws.size();
+    for (int64_t m = 0; m < M; ++m) {
+      const bool is_main = has_main && m == 0;
+      const at::Tensor bm = is_main ? bias : (d_bias.defined() ? d_bias[m - (has_main ? 1 : 0)]
+                                                              : at::Tensor());
+      bs.push_back(bm.defined() ? bm : at::zeros({C}, x.options()));
+    }
+    std::vector<at::Tensor> outs;  // one stacked output (groups == 1) or one per member
+    if (groups == 1) {
+      outs.push_back(at::convolution(x, at::cat(ws), at::cat(bs), stride, padding, dilation,
+                                     false, {0, 0}, 1).contiguous(fmt));
+    } else {
+      for (int64_t m = 0; m < M; ++m)
+        outs.push_back(at::convolution(x, ws[m], bs[m], stride, padding, dilation, false,
+                                       {0, 0}, groups).contiguous(fmt));
+    }
+    auto mv = [&](int64_t m) {
+      return groups == 1 ? member_view<T>(outs[0], g, M, m) : view_of<T>(outs[m], g);
+    };
+    std::vector<View<T>> av;
+    for (int64_t k = 0; k < D; ++k) av.push_back(mv(M - D + k));
+    const View<T> main = has_main ? mv(0) : View<T>();
+    run_epilogue_fwd(g, main, av, bv, alpha, casc, yv, sv);
+  });
+  return {y, s};
+}
+
+// ---------------------------------------------------------------- backward
+// Sizes of the depthwise kernel sums that follow BwdAcc in the accumulator.
+struct DwAcc {
+  BwdAcc ix;
+  int64_t KK;
+  int64_t gw() const { return ix.size(); }                      // (C, KK) or (KK, C)
+  int64_t gdw(int64_t k) const { return ix.size() + (1 + k) * ix.Cout * KK; }
+  int64_t size() const { return ix.size() + (1 + ix.D) * ix.Cout * KK; }
+};
+
+template <typename T>
+void dw_bwd(const Geom& g, const T* gy, const T* x, const T* w /* main taps or null */,
+            const std::vector<View<T>>& s, const T* alpha, const T* casc, T* gx,
+            const bool* mask, std::vector<double>& out) {
+  const int64_t D = (int64_t)s.size(), C = g.Cout, KK = g.KH * g.KW;
+  const DwAcc ax{BwdAcc{D, C}, KK};
+  const bool need_da = mask[3] || mask[4] || mask[6];
+  const bool cl = g.channels_last;
+  out = chunked_sum(g.N, ax.size(), [&](int64_t n0, int64_t n1, double* acc) {
+    const int64_t L = cl ? C : g.Wo;
+    std::vector<T> dabuf(D * L);
+    std::vector<T*> da(D);
+    std::vector<const T*> sl(D);
+    for (int64_t k = 0; k < D; ++k) da[k] = dabuf.data() + k * L;
+    for (int64_t n = n0; n < n1; ++n) {
+      if (!cl) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t plane = n * C + c;
+          const T* xp = x + plane * g.H * g.W;
+          T* gxp = gx ? gx + plane * g.H * g.W : nullptr;
+          for (int64_t oh = 0; oh < g.Ho; ++oh) {
+            const T* gl = gy + plane * g.HW() + oh * g.Wo;
+            for (int64_t k = 0; k < D; ++k) sl[k] = s[k].at(n, c, oh * g.Wo);
+            bwd_line<false>(g.Wo, D, C, gl, sl.data(), alpha + c, casc + c, mask[2], mask[5],
+                            need_da, da.data(), acc + c, ax.ix);
+            for (int64_t i = 0; i < g.KH; ++i) {
+              const int64_t ih = oh * g.SH - g.PH + i * g.DH;
+              if (ih < 0 || ih >= g.H) continue;
+              const T* xr = xp + ih * g.W;
+              for (int64_t j = 0; j < g.KW; ++j) {
+                int64_t lo, hi, off = j * g.DW - g.PW;
+                tap_range(g.Wo, g.W, g.SW, off, lo, hi);
+                const int64_t tap = i * g.KW + j;
+                if (gxp) {
+                  T* gr = gxp + ih * g.W;
+                  const T wv = w[c * KK + tap];
+                  for (int64_t ow = lo; ow < hi; ++ow) gr[ow * g.SW + off] += wv * gl[ow];
+                }
+                if (mask[1]) {
+                  T sum = 0;
+                  for (int64_t ow = lo; ow < hi; ++ow) sum += gl[ow] * xr[ow * g.SW + off];
+                  acc[ax.gw() + c * KK + tap] += double(sum);
+                }
+                for (int64_t k = 0; mask[3] && k < D; ++k) {
+                  T sum = 0;
+                  const T* dk = da[k];
+                  for (int64_t ow = lo; ow < hi; ++ow) sum += dk[ow] * xr[ow * g.SW + off];
+                  acc[ax.gdw(k) + c * KK + tap] += double(sum);
+                }
+              }
+            }
+          }
+        }
+        continue;
+      }
+      for (int64_t oh = 0; oh < g.Ho; ++oh) {
+        for (int64_t ow = 0; ow < g.Wo; ++ow) {
+          const int64_t pix = oh * g.Wo + ow;
+          const T* gl = gy + (n * g.HW() + pix) * C;
+          for (int64_t k = 0; k < D; ++k) sl[k] = s[k].at(n, 0, pix);
+          bwd_line<true>(C, D, C, gl, sl.data(), alpha, casc, mask[2], mask[5], need_da,
+                         da.data(), acc, ax.ix);
+          for (int64_t i = 0; i < g.KH; ++i) {
+            const int64_t ih = oh * g.SH - g.PH + i * g.DH;
+            if (ih < 0 || ih >= g.H) continue;
+            for (int64_t j = 0; j < g.KW; ++j) {
+              const int64_t iw = ow * g.SW - g.PW + j * g.DW;
+              if (iw < 0 || iw >= g.W) continue;
+              const int64_t tap = i * g.KW + j, xo = ((n * g.H + ih) * g.W + iw) * C;
+              const T* xv = x + xo;
+              if (gx) {
+                T* gv = gx + xo;
+                const T* wv = w + tap * C;
+                for (int64_t c = 0; c < C; ++c) gv[c] += wv[c] * gl[c];
+              }
+              if (mask[1]) {
+                double* a = acc + ax.gw() + tap * C;
+                for (int64_t c = 0; c < C; ++c) a[c] += double(gl[c] * xv[c]);
+              }
+              for (int64_t k = 0; mask[3] && k < D; ++k) {
+                double* a = acc + ax.gdw(k) + tap * C;
+                const T* dk = da[k];
+                for (int64_t c = 0; c < C; ++c) a[c] += double(dk[c] * xv[c]);
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+PBP_CLONES void run_dw_bwd(const Geom& g, const float* gy, const float* x, const float* w,
+                           const std::vector<View<float>>& s, const float* alpha,
+                           const float* casc, float* gx, const bool* mask,
+                           std::vector<double>& out) {
+  dw_bwd<float>(g, gy, x, w, s, alpha, casc, gx, mask, out);
+}
+void run_dw_bwd(const Geom& g, const double* gy, const double* x, const double* w,
+                           const std::vector<View<double>>& s, const double* alpha,
+                           const double* casc, double* gx, const bool* mask,
+                           std::vector<double>& out) {
+  dw_bwd<double>(g, gy, x, w, s, alpha, casc, gx, mask, out);
+}
+
+// Epilogue backward over a (N, Cout, Ho, Wo) gradient: the per-channel sums, and da written to
+// `da` views when given.
+template <typename T>
+std::vector<double> epilogue_bwd(const Geom& g, const View<T>& gy, const std::vector<View<T>>& s,
+                                 const T* alpha, const T* casc, const bool* mask,
+                                 const std::vector<View<T>>& da) {
+  const int64_t D = (int64_t)s.size(), C = g.Cout, HW = g.HW();
+  const BwdAcc ix{D, C};
+  const bool need_da = mask[3] || mask[4] || mask[6], cl = g.channels_last;
+  const int64_t lines = cl ? g.N * HW : g.N;
+  return chunked_sum(lines, ix.size(), [&](int64_t l0, int64_t l1, double* acc) {
+    const int64_t L = cl ? C : HW;
+    std::vector<T> tmp(D * L);
+    std::vector<T*> dl(D);
+    std::vector<const T*> sl(D);
+    for (int64_t l = l0; l < l1; ++l) {
+      for (int64_t c = 0; c < (cl ? 1 : C); ++c) {
+        const int64_t n = cl ? l / HW : l, pix = cl ? l % HW : 0;
+        for (int64_t k = 0; k < D; ++k) {
+          sl[k] = s[k].at(n, c, pix);
+          dl[k] = da.empty() ? tmp.data() + k * L : da[k].at(n, c, pix);
+        }
+        if (cl)
+          bwd_line<true>(L, D, C, gy.at(n, c, pix), sl.data(), alpha, casc, mask[2], mask[5],
+                         need_da, dl.data(), acc, ix);
+        else
+          bwd_line<false>(L, D, C, gy.at(n, c, pix), sl.data(), alpha + c, casc + c, mask[2],
+                          mask[5], need_da, dl.data(), acc + c, ix);
+      }
+    }
+  });
+}
+
+PBP_CLONES std::vector<double> run_epilogue_bwd(const Geom& g, const View<float>& gy,
+                                                const std::vector<View<float>>& s,
+                                                const float* alpha, const float* casc,
+                                                const bool* mask,
+                                                const std::vector<View<float>>& da) {
+  return epilogue_bwd<float>(g, gy, s, alpha, casc, mask, da);
+}
+std::vector<double> run_epilogue_bwd(const Geom& g, const View<double>& gy,
+                                                const std::vector<View<double>>& s,
+                                                const double* alpha, const double* casc,
+                                                const bool* mask,
+                                                const std::vector<View<double>>& da) {
+  return epilogue_bwd<double>(g, gy, s, alpha, casc, mask, da);
+}
+
+at::Tensor from_acc(const std::vector<double>& acc, int64_t off, at::IntArrayRef shape,
+                    const at::TensorOptions& opt) {
+  int64_t n = 1;
+  for (auto v : shape) n *= v;
+  auto t = at::from_blob(const_cast<double*>(acc.data()) + off, {n}, at::kDouble);
+  return t.to(opt.dtype()).reshape(shape).clone();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+bwd_cpu(const at::Tensor& grad_y_, const at::Tensor& x_, const std::optional<at::Tensor>& weight_,
+        const at::Tensor& d_weight, const at::Tensor& d_scale_,
+        const std::optional<at::Tensor>& d_cascade_, const at::Tensor& s_,
+        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+        std::array<bool, 7> mask_in) {
+  const Geom g = make_geom(x_, d_weight, stride, padding, dilation, groups);
+  const auto fmt = format_of(g.channels_last);
+  const int64_t D = d_weight.size(0), C = g.Cout, KK = g.KH * g.KW;
+  auto weight = opt_or(weight_);
+  bool mask[7];
+  for (int i = 0; i < 7; ++i) mask[i] = mask_in[i];
+  if (!weight.defined()) mask[0] = mask[1] = mask[2] = false;
+  if (!d_cascade_.has_value()) mask[6] = false;
+  TORCH_CHECK(!(mask[3] || mask[4] || mask[5] || mask[6]) || D == 0 || s_.numel() > 0,
+              "pbp_fast: dendrite gradients need the activations saved by the forward");
+  auto x = x_.contiguous(fmt), gy = grad_y_.contiguous(fmt), d_scale = d_scale_.contiguous();
+  auto d_cascade = d_cascade_.has_value() ? d_cascade_->contiguous()
+                                          : at::zeros({D, D, C}, d_scale.options());
+  auto opt = x.options();
+  auto empty = at::empty({0}, opt);
+  at::Tensor gx = mask[0] ? at::empty(x.sizes(), opt.memory_format(fmt)).zero_() : empty;
+  at::Tensor gw = empty, gb = empty, gdw = empty, gdb = empty, gds = empty, gdc = empty;
+  if (g.N == 0) {
+    if (mask[1]) gw = at::zeros_like(weight);
+    if (mask[2]) gb = at::zeros({C}, opt);
+    if (mask[3]) gdw = at::zeros_like(d_weight);
+    if (mask[4]) gdb = at::zeros({D, C}, opt);
+    if (mask[5]) gds = at::zeros({D, C}, opt);
+    if (mask[6]) gdc = at::zeros({D, D, C}, opt);
+    return {gx, gw, gb, gdw, gdb, gds, gdc};
+  }
+  std::vector<double> acc;
+  const BwdAcc ix{D, C};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dendritic_conv2d_bwd", [&] {
+    using T = scalar_t;
+    std::vector<View<T>> sv;
+    for (int64_t k = 0; k < D && s_.numel() > 0; ++k) sv.push_back(view_of<T>(s_[k], g));
+    const bool need_da = mask[3] || mask[4] || mask[6];
+    if (sv.empty() && D > 0) {  // only main-conv gradients requested, no activations saved
+      for (auto i : {3, 4, 5, 6}) mask[i] = false;
+    }
+    const int64_t Ds = (int64_t)sv.size();
+    const T* alpha = d_scale.data_ptr<T>();
+    const T* casc = d_cascade.data_ptr<T>();
+    if (is_depthwise(g)) {
+      at::Tensor wt;
+      if (weight.defined())
+        wt = g.channels_last ? weight.reshape({C, KK}).t().contiguous() : weight.contiguous();
+      const T* w = wt.defined() ? wt.data_ptr<T>() : nullptr;
+      const Geom gs = g;
+      std::vector<View<T>> svs(sv.begin(), sv.begin() + Ds);
+      run_dw_bwd(gs, gy.data_ptr<T>(), x.data_ptr<T>(), w, svs, alpha, casc,
+                  mask[0] ? gx.data_ptr<T>() : nullptr, mask, acc);
+      const DwAcc ax{ix, KK};
+      auto taps = [&](int64_t off) {  // (C, 1, KH, KW) from the accumulator's layout
+        auto t = g.channels_last ? from_acc(acc, off, {KK, C}, opt).t().contiguous()
+                                 : from_acc(acc, off, {C, KK}, opt);
+        return t.reshape({C, 1, g.KH, g.KW});
+      };
+      if (mask[1]) gw = taps(ax.gw());
+      if (mask[3]) {
+        std::vector<at::Tensor> ks;
+        for (int64_t k = 0; k < D; ++k) ks.push_back(taps(ax.gdw(k)));
+        gdw = at::stack(ks);
+      }
+    } else {
+      at::Tensor da_all;  // dL/da_k stacked like a conv output with D * Cout channels
+      std::vector<View<T>> dav;
+      if (mask[3] && Ds > 0) {
+        da_all = at::empty({g.N, D * C, g.Ho, g.Wo}, opt.memory_format(fmt));
+        for (int64_t k = 0; k < D; ++k) dav.push_back(member_view<T>(da_all, g, D, k));
+      }
+      if (Ds > 0 || mask[2]) {
+        acc = run_epilogue_bwd(g, view_of<T>(gy, g), sv, alpha, casc, mask, dav);
+      }
+      (void)need_da;
+      if (mask[0] || mask[1]) {
+        auto r = at::convolution_backward(gy, x, weight, std::nullopt, stride, padding, dilation,
+                                          false, {0, 0}, groups, {mask[0], mask[1], false});
+        if (mask[0]) gx = std::get<0>(r);
+        if (mask[1]) gw = std::get<1>(r);
+      }
+      if (mask[3] && Ds > 0) {
+        if (groups == 1) {
+          auto wd = d_weight.reshape({D * C, d_weight.size(2), g.KH, g.KW});
+          gdw = std::get<1>(at::convolution_backward(da_all, x, wd, std::nullopt, stride,
+                                                     padding, dilation, false, {0, 0}, 1,
+                                                     {false, true, false}))
+                    .reshape(d_weight.sizes());
+        } else {
+          std::vector<at::Tensor> ks;
+          for (int64_t k = 0; k < D; ++k)
+            ks.push_back(std::get<1>(at::convolution_backward(
+                da_all.narrow(1, k * C, C).contiguous(fmt), x, d_weight[k], std::nullopt,
+                stride, padding, dilation, false, {0, 0}, groups, {false, true, false})));
+          gdw = at::stack(ks);
+        }
+      }
+    }
+  });
+  if (mask[2]) gb = from_acc(acc, ix.bias(), {C}, opt);
+  if (mask[5]) gds = D ? from_acc(acc, ix.alpha(0), {D, C}, opt) : at::zeros({0, C}, opt);
+  if (mask[4]) gdb = D ? from_acc(acc, ix.dbias(0), {D, C}, opt) : at::zeros({0, C}, opt);
+  if (mask[6]) gdc = D ? from_acc(acc, ix.casc(0, 0), {D, D, C}, opt) : at::zeros({0, 0, C}, opt);
+  if (mask_in[3] && !mask[3]) gdw = at::zeros_like(d_weight);
+  if (mask_in[4] && !mask[4]) gdb = at::zeros({D, C}, opt);
+  if (mask_in[5] && !mask[5]) gds = at::zeros({D, C}, opt);
+  if (mask_in[6] && !mask[6] && d_cascade_.has_value()) gdc = at::zeros({D, D, C}, opt);
+  return {gx, gw, gb, gdw, gdb, gds, gdc};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pbp_fast, CPU, m) {
+  m.impl("dendritic_conv2d_fwd", &fwd_cpu);
+  m.impl("dendritic_conv2d_bwd", &bwd_cpu);
+}
+
+}  // namespace pbp

@@ -1,0 +1,33 @@
+// Op schemas of pbp_fast: the one registry every backend implements (CPU in csrc/cpu, CUDA in
+// kernels/ and csrc/cuda). Fake implementations and autograd live in pbp_fast/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import pbp_fast._C` loads this library so that the TORCH_LIBRARY blocks below run.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&def);
+}
+}
+
+TORCH_LIBRARY(pbp_fast, m) {
+  // y = base + conv(x; weight, bias) + sum_k d_scale[k] * s_k,
+  // s_k = sigmoid(conv(x; d_weight[k], d_bias[k]) + sum_{j<k} d_cascade[k, j] * s_j).
+  // Returns (y, s) with s the (D, N, Cout, Ho, Wo) activations when save_s, else empty.
+  m.def("dendritic_conv2d_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? base, "
+        "Tensor d_weight, Tensor? d_bias, Tensor d_scale, Tensor? d_cascade, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups, bool save_s) -> (Tensor, Tensor)");
+  // Gradients of the above (perforated: x only through the main conv), in the order
+  // (x, weight, bias, d_weight, d_bias, d_scale, d_cascade); masked-off entries are empty.
+  m.def("dendritic_conv2d_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor d_weight, "
+        "Tensor d_scale, Tensor? d_cascade, Tensor s, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups, bool[7] output_mask) -> (Tensor, Tensor, Tensor, Tensor, "
+        "Tensor, Tensor, Tensor)");
+  // One candidate, one batch: v = sigmoid(conv(x; weight, bias) + sum_j cascade[j] * s[j]),
+  // per-channel sums (v, e, v*e, e*e) as float32 (4, Cout), and the gradients of
+  // L = -sum sign * (e - mean_e) * v / n w.r.t. (weight, bias, cascade).
+  m.def("candidate_pass(Tensor x, Tensor weight, Tensor? bias, Tensor? cascade, Tensor? s, "
+        "Tensor e, Tensor mean_e, Tensor sign, int[2] stride, int[2] padding, int[2] dilation, "
+        "int groups) -> (Tensor, Tensor, Tensor, Tensor)");
+}
