@@ -192,6 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> candidate_cpu(
     const std::optional<at::Tensor>& cascade_, const std::optional<at::Tensor>& s_,
     const at::Tensor& e_, const at::Tensor& mean_e_, const at::Tensor& sign_,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // ATen calls inside are not recorded
   const Geom g = make_geom(x_, weight.unsqueeze(0), stride, padding, dilation, groups);
   const auto fmt = format_of(g.channels_last);
   const int64_t C = g.Cout, KK = g.KH * g.KW;

@@ -61,7 +61,8 @@ inline at::Tensor empty_stacked(int64_t D, const Geom& g, const at::TensorOption
 
 // exp for float that the compiler vectorises: 2^n * p(r), |rel err| < 2e-7 on the clamped range.
 PBP_INLINE float fast_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
   const float t = x * 1.44269504088896341f;
   const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest
   const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
@@ -93,7 +94,10 @@ PBP_INLINE T param(const T* p, int64_t i) { return CH_INNER ? p[i] : p[0]; }
 template <bool CH_INNER, typename T>
 PBP_INLINE void fwd_line(int64_t L, int64_t D, int64_t Cout, const T* base, const T* main,
                          const T* const* a, const T* alpha, const T* casc, T* y, T* const* s) {
-  for (int64_t i = 0; i < L; ++i) y[i] = (base ? base[i] : T(0)) + (main ? main[i] : T(0));
+  if (base && main) for (int64_t i = 0; i < L; ++i) y[i] = base[i] + main[i];
+  else if (base)    for (int64_t i = 0; i < L; ++i) y[i] = base[i];
+  else if (main)    for (int64_t i = 0; i < L; ++i) y[i] = main[i];
+  else              for (int64_t i = 0; i < L; ++i) y[i] = T(0);
   for (int64_t k = 0; k < D; ++k) {
     T* sk = s[k];
     const T* ak = a[k];

@@ -201,6 +201,85 @@ std::vector<at::Tensor> member_weights(const at::Tensor& weight, const at::Tenso
   return ws;
 }
 
+// ---------------------------------------------------------------- pointwise, forward
+// 1x1 convs (stride 1, no padding, groups 1): one GEMM for all members per tile into a
+// cache-sized buffer (per sample in NCHW; per 128 pixels in NHWC or when Ho*Wo == 1, e.g. a
+// Linear), then the epilogue from that buffer: the stacked conv output never reaches memory.
+inline bool is_pointwise(const Geom& g) {
+  return g.KH == 1 && g.KW == 1 && g.SH == 1 && g.SW == 1 && g.PH == 0 && g.PW == 0 &&
+         g.groups == 1;
+}
+
+template <typename T>
+void pw_fwd(const Geom& g, const at::Tensor& x, const at::Tensor& w_all, const at::Tensor& b_all,
+            bool has_main, const View<T>& base, const T* alpha, const T* casc, const View<T>& y,
+            const std::vector<View<T>>& s) {
+  const int64_t O = g.Cout, MO = w_all.size(0), M = MO / O, D = M - (has_main ? 1 : 0);
+  const int64_t HW = g.HW();
+  const bool save = !s.empty();
+  if (!g.channels_last && HW > 1) {
+    at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: again per worker
+      auto buf = at::empty({MO, HW}, x.options());
+      const auto bias = b_all.unsqueeze(1);
+      std::vector<T> tmp(D * HW);
+      std::vector<const T*> a(D);
+      std::vector<T*> sl(D);
+      for (int64_t n = n0; n < n1; ++n) {
+        at::addmm_out(buf, bias, w_all, x[n].view({g.Cin, HW}));
+        const T* B = buf.data_ptr<T>();
+        for (int64_t c = 0; c < O; ++c) {
+          for (int64_t k = 0; k < D; ++k) {
+            a[k] = B + ((M - D + k) * O + c) * HW;
+            sl[k] = save ? s[k].at(n, c, 0) : tmp.data() + k * HW;
+          }
+          fwd_line<false>(HW, D, O, (const T*)base.at(n, c, 0), has_main ? B + c * HW : nullptr,
+                          a.data(), alpha + c, casc + c, y.at(n, c, 0), sl.data());
+        }
+      }
+    });
+    return;
+  }
+  const int64_t rows = g.N * HW, P = 128;
+  const auto x2 = x.permute({0, 2, 3, 1}).reshape({rows, g.Cin});
+  const auto wt = w_all.t();
+  at::parallel_for(0, (rows + P - 1) / P, 1, [&](int64_t t0, int64_t t1) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: again per worker
+    auto buf = at::empty({P, MO}, x.options());
+    std::vector<T> tmp(D * O);
+    std::vector<const T*> a(D);
+    std::vector<T*> sl(D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * P, r1 = std::min(rows, r0 + P);
+      auto out = buf.narrow(0, 0, r1 - r0);
+      at::addmm_out(out, b_all, x2.narrow(0, r0, r1 - r0), wt);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / HW, pix = r % HW;
+        const T* row = buf.data_ptr<T>() + (r - r0) * MO;
+        for (int64_t k = 0; k < D; ++k) {
+          a[k] = row + (M - D + k) * O;
+          sl[k] = save ? s[k].at(n, 0, pix) : tmp.data() + k * O;
+        }
+        fwd_line<true>(O, D, O, (const T*)base.at(n, 0, pix), has_main ? row : nullptr, a.data(),
+                       alpha, casc, y.at(n, 0, pix), sl.data());
+      }
+    }
+  });
+}
+
+PBP_CLONES void run_pw_fwd(const Geom& g, const at::Tensor& x, const at::Tensor& w_all,
+                           const at::Tensor& b_all, bool has_main, const View<float>& base,
+                           const float* alpha, const float* casc, const View<float>& y,
+                           const std::vector<View<float>>& s) {
+  pw_fwd<float>(g, x, w_all, b_all, has_main, base, alpha, casc, y, s);
+}
+void run_pw_fwd(const Geom& g, const at::Tensor& x, const at::Tensor& w_all,
+                const at::Tensor& b_all, bool has_main, const View<double>& base,
+                const double* alpha, const double* casc, const View<double>& y,
+                const std::vector<View<double>>& s) {
+  pw_fwd<double>(g, x, w_all, b_all, has_main, base, alpha, casc, y, s);
+}
+
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(
     const at::Tensor& x_, const std::optional<at::Tensor>& weight_,
     const std::optional<at::Tensor>& bias_, const std::optional<at::Tensor>& base_,
@@ -208,6 +287,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(
     const at::Tensor& d_scale_, const std::optional<at::Tensor>& d_cascade_,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     bool save_s) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // ATen calls inside are not recorded
   const Geom g = make_geom(x_, d_weight, stride, padding, dilation, groups);
   const auto fmt = format_of(g.channels_last);
   const int64_t D = d_weight.size(0), C = g.Cout;
@@ -254,6 +334,11 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(
       const at::Tensor bm = is_main ? bias : (d_bias.defined() ? d_bias[m - (has_main ? 1 : 0)]
                                                               : at::Tensor());
       bs.push_back(bm.defined() ? bm : at::zeros({C}, x.options()));
+    }
+    if (is_pointwise(g)) {
+      run_pw_fwd(g, x, at::cat(ws).reshape({M * C, g.Cin}), at::cat(bs), has_main, bv, alpha,
+                 casc, yv, sv);
+      return;
     }
     std::vector<at::Tensor> outs;  // one stacked output (groups == 1) or one per member
     if (groups == 1) {
@@ -452,6 +537,7 @@ bwd_cpu(const at::Tensor& grad_y_, const at::Tensor& x_, const std::optional<at:
         const std::optional<at::Tensor>& d_cascade_, const at::Tensor& s_,
         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
         std::array<bool, 7> mask_in) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // ATen calls inside are not recorded
   const Geom g = make_geom(x_, d_weight, stride, padding, dilation, groups);
   const auto fmt = format_of(g.channels_last);
   const int64_t D = d_weight.size(0), C = g.Cout, KK = g.KH * g.KW;
