@@ -136,10 +136,6 @@ def dendritic_conv2d_with_s(x, weight, bias, d_weight, d_bias, d_scale, d_cascad
     if backend == "reference":
         return reference.dendritic_conv2d(x, weight, bias, d_weight, d_bias, d_scale, d_cascade,
                                           *conv, base=base, save_s=save_s)
-    if x.shape[0] == 0:  # empty batch: nothing to launch
-        y = x.new_zeros(y_shape) if base is None else base.clone()
-        s = x.new_zeros((d,) + y_shape) if save_s else x.new_empty(0)
-        return y, s
     save_s = save_s or (torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (d_weight, d_bias, d_scale, d_cascade)))
     y, s = torch.ops.pbp_fast.dendritic_conv2d_fwd(x, weight, bias, base, d_weight, d_bias,

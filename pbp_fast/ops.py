@@ -85,10 +85,10 @@ if HAVE_C:
           output_mask):
         like = (x, weight, d_scale.new_empty(d_scale.shape[1]) if weight is not None else None,
                 d_weight, d_scale, d_scale, d_cascade)
-        out = []
-        for need, t in zip(output_mask, like):
+        out = []  # grad_x in x's layout, the parameters' gradients contiguous
+        for i, (need, t) in enumerate(zip(output_mask, like)):
             if need and t is not None:
-                out.append(_empty_like_layout(t.shape, t, is_channels_last(t)))
+                out.append(_empty_like_layout(t.shape, t, i == 0 and is_channels_last(x)))
             else:
                 out.append(x.new_empty(0))
         return tuple(out)
@@ -117,7 +117,7 @@ if HAVE_C:
         # d_cascade ...
         mask = [n[0] and weight is not None, n[1], n[2] and has_bias, n[4], n[5] and has_d_bias,
                 n[6], n[7] and has_cascade]
-        if any(mask[3:]) and s.numel() == 0 and d_weight.shape[0] > 0:
+        if any(mask[3:]) and s.dim() != 5 and d_weight.shape[0] > 0:
             raise RuntimeError("pbp_fast: dendrite gradients need the forward's activations; "
                                "call the op with save_s=True")
         grads = torch.ops.pbp_fast.dendritic_conv2d_bwd(

@@ -304,6 +304,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(
     return {y, s};
   }
   const bool has_main = weight.defined();
+  if (!has_main && D == 0) {  // nothing but the base
+    y.copy_(base);
+    return {y, s};
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dendritic_conv2d_fwd", [&] {
     using T = scalar_t;
     std::vector<View<T>> sv;
@@ -546,15 +550,15 @@ bwd_cpu(const at::Tensor& grad_y_, const at::Tensor& x_, const std::optional<at:
   for (int i = 0; i < 7; ++i) mask[i] = mask_in[i];
   if (!weight.defined()) mask[0] = mask[1] = mask[2] = false;
   if (!d_cascade_.has_value()) mask[6] = false;
-  TORCH_CHECK(!(mask[3] || mask[4] || mask[5] || mask[6]) || D == 0 || s_.numel() > 0,
+  TORCH_CHECK(!(mask[3] || mask[4] || mask[5] || mask[6]) || D == 0 || s_.dim() == 5,
               "pbp_fast: dendrite gradients need the activations saved by the forward");
   auto x = x_.contiguous(fmt), gy = grad_y_.contiguous(fmt), d_scale = d_scale_.contiguous();
   auto d_cascade = d_cascade_.has_value() ? d_cascade_->contiguous()
                                           : at::zeros({D, D, C}, d_scale.options());
   auto opt = x.options();
-  auto empty = at::empty({0}, opt);
-  at::Tensor gx = mask[0] ? at::empty(x.sizes(), opt.memory_format(fmt)).zero_() : empty;
-  at::Tensor gw = empty, gb = empty, gdw = empty, gdb = empty, gds = empty, gdc = empty;
+  auto none = [&] { return at::empty({0}, opt); };  // a masked-off output (never shared)
+  at::Tensor gx = mask[0] ? at::empty(x.sizes(), opt.memory_format(fmt)).zero_() : none();
+  at::Tensor gw = none(), gb = none(), gdw = none(), gdb = none(), gds = none(), gdc = none();
   if (g.N == 0) {
     if (mask[1]) gw = at::zeros_like(weight);
     if (mask[2]) gb = at::zeros({C}, opt);
@@ -569,7 +573,7 @@ bwd_cpu(const at::Tensor& grad_y_, const at::Tensor& x_, const std::optional<at:
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dendritic_conv2d_bwd", [&] {
     using T = scalar_t;
     std::vector<View<T>> sv;
-    for (int64_t k = 0; k < D && s_.numel() > 0; ++k) sv.push_back(view_of<T>(s_[k], g));
+    for (int64_t k = 0; k < D && s_.dim() == 5; ++k) sv.push_back(view_of<T>(s_[k], g));
     const bool need_da = mask[3] || mask[4] || mask[6];
     if (sv.empty() && D > 0) {  // only main-conv gradients requested, no activations saved
       for (auto i : {3, 4, 5, 6}) mask[i] = false;
@@ -593,7 +597,7 @@ bwd_cpu(const at::Tensor& grad_y_, const at::Tensor& x_, const std::optional<at:
         return t.reshape({C, 1, g.KH, g.KW});
       };
       if (mask[1]) gw = taps(ax.gw());
-      if (mask[3]) {
+      if (mask[3] && D > 0) {
         std::vector<at::Tensor> ks;
         for (int64_t k = 0; k < D; ++k) ks.push_back(taps(ax.gdw(k)));
         gdw = at::stack(ks);
@@ -637,11 +641,17 @@ bwd_cpu(const at::Tensor& grad_y_, const at::Tensor& x_, const std::optional<at:
   if (mask[5]) gds = D ? from_acc(acc, ix.alpha(0), {D, C}, opt) : at::zeros({0, C}, opt);
   if (mask[4]) gdb = D ? from_acc(acc, ix.dbias(0), {D, C}, opt) : at::zeros({0, C}, opt);
   if (mask[6]) gdc = D ? from_acc(acc, ix.casc(0, 0), {D, D, C}, opt) : at::zeros({0, 0, C}, opt);
-  if (mask_in[3] && !mask[3]) gdw = at::zeros_like(d_weight);
-  if (mask_in[4] && !mask[4]) gdb = at::zeros({D, C}, opt);
-  if (mask_in[5] && !mask[5]) gds = at::zeros({D, C}, opt);
-  if (mask_in[6] && !mask[6] && d_cascade_.has_value()) gdc = at::zeros({D, D, C}, opt);
-  return {gx, gw, gb, gdw, gdb, gds, gdc};
+  // Requested gradients that nothing contributed to (D = 0, no saved activations) are zeros.
+  auto zeros_if = [&](at::Tensor& t, bool want, at::IntArrayRef shape) {
+    if (want && t.sizes() != shape) t = at::zeros(shape, opt);
+  };
+  zeros_if(gdw, mask_in[3], d_weight.sizes());
+  zeros_if(gdb, mask_in[4], {D, C});
+  zeros_if(gds, mask_in[5], {D, C});
+  zeros_if(gdc, mask_in[6] && d_cascade_.has_value(), {D, D, C});
+  if (mask[0]) gx = gx.contiguous(fmt);
+  return {gx, gw.contiguous(), gb, gdw.contiguous(), gdb,
+          gds, gdc};
 }
 
 }  // namespace

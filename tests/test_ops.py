@@ -1,0 +1,219 @@
+"""The fused ops against the plain-PyTorch reference: forward, activations, every gradient,
+gradcheck in float64, opcheck, layouts, empty batches."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import needs_cpp
+from pbp_fast import functional as Fn
+from pbp_fast.ops import is_channels_last
+
+pytestmark = needs_cpp
+
+
+def random_case(seed, dtype=torch.float32, small=False):
+    """A random unit: conv family (depthwise / pointwise / dense / grouped), geometry, D, layout,
+    which optional tensors exist."""
+    rng = random.Random(seed)
+    family = rng.choice(["depthwise", "pointwise", "dense", "grouped"])
+    n, h, w = rng.randint(1, 8), rng.randint(1, 17), rng.randint(1, 17)
+    cin = rng.randint(1, 64)
+    if small:
+        n, h, w, cin = min(n, 2), min(h, 7), min(w, 7), min(cin, 4)
+    if family == "depthwise":
+        k, groups, cout = rng.choice([1, 3, 5, 7]), cin, cin
+    elif family == "pointwise":
+        k, groups, cout = 1, 1, rng.randint(1, 4 if small else 64)
+    elif family == "dense":
+        k, groups, cout = rng.choice([1, 3, 5]), 1, rng.randint(1, 4 if small else 32)
+    else:
+        groups = rng.choice([2, 4])
+        cin, k = groups * rng.randint(1, 2 if small else 8), rng.choice([1, 3])
+        cout = groups * rng.randint(1, 2 if small else 8)
+    stride, dilation = rng.choice([1, 2]), rng.choice([1, 2])
+    if family == "pointwise":
+        stride = dilation = 1
+    padding = rng.randint(0, (k // 2) * dilation)
+    h = max(h, dilation * (k - 1) + 1 - 2 * padding)
+    w = max(w, dilation * (k - 1) + 1 - 2 * padding)
+    d = rng.randint(0, 3)
+    has_main = d == 0 or rng.random() < 0.7
+    has_base = not has_main or rng.random() < 0.3
+    cl = rng.random() < 0.5
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    fan = cin // groups * k * k
+    x = rnd(n, cin, h, w)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ho = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    wo = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    t = dict(
+        x=x,
+        weight=rnd(cout, cin // groups, k, k, scale=fan ** -0.5) if has_main else None,
+        bias=rnd(cout) if has_main and rng.random() < 0.7 else None,
+        d_weight=rnd(d, cout, cin // groups, k, k, scale=2 * fan ** -0.5),
+        d_bias=rnd(d, cout) if rng.random() < 0.7 else None,
+        d_scale=rnd(d, cout),
+        d_cascade=rnd(d, d, cout) if rng.random() < 0.7 else None,
+        base=rnd(n, cout, ho, wo) if has_base else None,
+    )
+    conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return t, conv
+
+
+NAMES = ("x", "weight", "bias", "d_weight", "d_bias", "d_scale", "d_cascade", "base")
+
+
+def run(t, conv, backend, grad_y=None, save_s=True):
+    leaves = {k: (v.detach().clone().requires_grad_() if v is not None else None)
+              for k, v in t.items()}
+    y, s = Fn.dendritic_conv2d_with_s(*(leaves[k] for k in NAMES[:7]), base=leaves["base"],
+                                      save_s=save_s, backend=backend, **conv)
+    grads = {}
+    if grad_y is not None:
+        y.backward(grad_y)
+        grads = {k: v.grad for k, v in leaves.items() if v is not None}
+    return y.detach(), s, grads
+
+
+@pytest.mark.parametrize("seed", range(48))
+def test_forward_and_gradients_match_reference(seed):
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+        t, conv = random_case(seed, dtype)
+        y_ref, s_ref, _ = run(t, conv, "reference")
+        gy = torch.randn_like(y_ref)
+        y_ref, s_ref, g_ref = run(t, conv, "reference", gy)
+        y, s, g = run(t, conv, "cpp", gy)
+        torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
+        torch.testing.assert_close(s, s_ref, atol=tol, rtol=tol)
+        fmt = torch.channels_last if is_channels_last(t["x"]) else torch.contiguous_format
+        assert y.is_contiguous(memory_format=fmt)  # the output keeps the input's layout
+        gtol = 10 * tol if dtype == torch.float32 else tol  # sums over batch and space
+        for k in g_ref:
+            if g_ref[k] is None:
+                assert g[k] is None or not g[k].any(), k
+                continue
+            scale = 1 + g_ref[k].abs().max().item()
+            torch.testing.assert_close(g[k], g_ref[k], atol=gtol * scale, rtol=gtol, msg=k)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_x_gradient_is_exactly_the_main_convs(seed):
+    t, conv = random_case(seed, torch.float64)
+    if t["weight"] is None:
+        t["weight"] = torch.randn(t["d_weight"].shape[1:], dtype=torch.float64)
+    gy = torch.randn_like(run(t, conv, "cpp")[0])
+    _, _, g = run(t, conv, "cpp", gy)
+    plain = dict(t, d_weight=t["d_weight"][:0], d_bias=None, d_scale=t["d_scale"][:0],
+                 d_cascade=None)
+    _, _, g0 = run(plain, conv, "cpp", gy)
+    assert torch.equal(g["x"], g0["x"])  # the dendrites add nothing to dL/dx (perforated)
+    x = t["x"].detach().clone().requires_grad_()
+    F.conv2d(x, t["weight"], t["bias"], **conv).backward(gy)
+    torch.testing.assert_close(g["x"], x.grad, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_gradcheck_float64(seed):
+    """Every input but x with gradcheck (x's numerical gradient would include the dendrites,
+    which the perforated backward leaves out on purpose; see the next test)."""
+    t, conv = random_case(seed, torch.float64, small=True)
+    x = t.pop("x")
+    names = [k for k in NAMES[1:] if t[k] is not None]
+
+    def f(*args):
+        a = dict(zip(names, args))
+        return Fn.dendritic_conv2d(x, *(a.get(k) for k in NAMES[1:7]), base=a.get("base"),
+                                   backend="cpp", **conv)
+
+    args = tuple(t[k].detach().clone().requires_grad_() for k in names)
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7)
+
+
+def test_gradcheck_x_through_main_conv_only():
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 1, 3, 3, dtype=torch.float64)
+    dw = torch.randn(2, 3, 1, 3, 3, dtype=torch.float64)
+    ds = torch.zeros(2, 3, dtype=torch.float64)  # alpha = 0: the numerical x-grad is exact too
+    assert torch.autograd.gradcheck(
+        lambda x: Fn.dendritic_conv2d(x, w, None, dw, None, ds, None, padding=1, groups=3,
+                                      backend="cpp"), (x,))
+
+
+def _op_args(seed, dtype=torch.float64, requires_grad=True):
+    t, conv = random_case(seed, dtype)
+    t = {k: (v.detach().clone().requires_grad_(requires_grad) if v is not None else None)
+         for k, v in t.items()}
+    return t, conv
+
+
+@pytest.mark.parametrize("seed", [0, 3, 4, 6, 7, 11])
+def test_opcheck_forward_and_backward(seed):
+    t, conv = _op_args(seed)
+    c = [[conv["stride"]] * 2, [conv["padding"]] * 2, [conv["dilation"]] * 2, conv["groups"]]
+    args = (t["x"], t["weight"], t["bias"], t["base"], t["d_weight"], t["d_bias"], t["d_scale"],
+            t["d_cascade"], *c, True)
+    torch.library.opcheck(torch.ops.pbp_fast.dendritic_conv2d_fwd.default, args)
+    y, s = torch.ops.pbp_fast.dendritic_conv2d_fwd(*args)
+    gy = torch.randn_like(y).contiguous(
+        memory_format=torch.channels_last if y.is_contiguous(memory_format=torch.channels_last)
+        and not y.is_contiguous() else torch.contiguous_format)
+    mask = [t["weight"] is not None, t["weight"] is not None, t["bias"] is not None, True,
+            t["d_bias"] is not None, True, t["d_cascade"] is not None]
+    bargs = (gy, t["x"].detach(), None if t["weight"] is None else t["weight"].detach(),
+             t["d_weight"].detach(), t["d_scale"].detach(),
+             None if t["d_cascade"] is None else t["d_cascade"].detach(), s, *c, mask)
+    torch.library.opcheck(torch.ops.pbp_fast.dendritic_conv2d_bwd.default, bargs)
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_empty_batch(cl):
+    x = torch.randn(0, 4, 5, 5)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 1, 3, 3, requires_grad=True)
+    y = Fn.dendritic_conv2d(x, w, None, torch.randn(2, 4, 1, 3, 3), None,
+                            torch.randn(2, 4, requires_grad=True), None, padding=1, groups=4)
+    assert y.shape == (0, 4, 5, 5)
+    y.sum().backward()
+    assert w.grad is not None and not w.grad.any()
+
+
+def test_channels_last_in_channels_last_out():
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    for w in (torch.randn(8, 1, 3, 3), torch.randn(16, 8, 1, 1)):
+        g = 8 if w.shape[1] == 1 else 1
+        y = Fn.dendritic_conv2d(x, w, None, w[None].repeat(2, 1, 1, 1, 1), None,
+                                torch.randn(2, w.shape[0]), None, padding=w.shape[-1] // 2,
+                                groups=g)
+        assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+
+
+def test_upper_triangle_of_cascade_is_ignored():
+    t, conv = random_case(3)
+    t["d_weight"] = torch.randn(3, *t["d_weight"].shape[1:])
+    t["d_scale"] = torch.randn(3, t["d_weight"].shape[1])
+    t["d_bias"] = None
+    casc = torch.randn(3, 3, t["d_weight"].shape[1])
+    lower = casc * torch.tril(torch.ones(3, 3), -1)[:, :, None]
+    for backend in ("reference", "cpp"):
+        y1 = run(dict(t, d_cascade=casc), conv, backend)[0]
+        y2 = run(dict(t, d_cascade=lower), conv, backend)[0]
+        assert torch.equal(y1, y2)
+
+
+def test_alpha_zero_adds_exact_zeros():
+    t, conv = random_case(4)
+    base = run(dict(t, d_weight=t["d_weight"][:0], d_bias=None, d_scale=t["d_scale"][:0],
+                    d_cascade=None), conv, "cpp")[0]
+    t = dict(t, base=base, weight=None, bias=None, d_scale=torch.zeros_like(t["d_scale"]))
+    if t["d_weight"].shape[0] == 0:
+        t = dict(t, d_weight=torch.randn(1, *t["d_weight"].shape[1:]),
+                 d_scale=torch.zeros(1, t["d_weight"].shape[1]), d_bias=None, d_cascade=None)
+    assert torch.equal(run(t, conv, "cpp")[0], base)
