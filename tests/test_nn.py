@@ -1,0 +1,370 @@
+"""Dendritic units (pbp_fast.nn): exactness at alpha = 0, the DESIGN.md math against a plain
+re-implementation, perforated gradients, the candidate hook against the reference candidate pass,
+BatchNorm folding and state_dict round trips that rebuild dendrites and candidates."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pbp_fast
+from pbp_fast import reference
+from pbp_fast.nn import DendriticConv2d, DendriticLinear
+
+BACKENDS = [b for b in pbp_fast.backends() if b in ("reference", "cpp")]  # the CPU ones here
+
+CONVS = {  # (conv, input shape)
+    "dense3x3": (lambda: nn.Conv2d(4, 6, 3, padding=1), (2, 4, 7, 7)),
+    "depthwise_s2": (lambda: nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6, bias=False),
+                     (2, 6, 9, 9)),
+    "pointwise": (lambda: nn.Conv2d(5, 3, 1, bias=False), (3, 5, 4, 4)),
+    "dilated_grouped": (lambda: nn.Conv2d(4, 8, 3, padding=2, dilation=2, groups=2), (2, 4, 6, 6)),
+}
+
+
+def _unit(kind, bn=True, seed=0, backend="auto"):
+    torch.manual_seed(seed)
+    make, shape = CONVS[kind]
+    conv = make()
+    norm = nn.BatchNorm2d(conv.out_channels) if bn else None
+    if norm is not None:  # non-trivial affine and running statistics
+        norm.weight.data.uniform_(0.5, 1.5)
+        norm.bias.data.uniform_(-0.5, 0.5)
+        norm.running_mean.uniform_(-0.2, 0.2)
+        norm.running_var.uniform_(0.5, 2.0)
+    return conv, norm, torch.randn(shape)
+
+
+def _make(conv, bn, backend):
+    unit = DendriticConv2d(conv, bn)
+    unit.backend = backend
+    return unit
+
+
+def _randomise_dendrites(unit, d):
+    for _ in range(d):
+        unit.add_dendrite(cascade=torch.randn(unit.num_dendrites, unit.out_channels))
+    with torch.no_grad():
+        for a in unit.dendrite_alpha:
+            a.uniform_(-1, 1)
+
+
+def _manual(unit, x):
+    """y = BN(conv(x)) + sum_k alpha_k s_k written out with F.conv2d (DESIGN.md "Math")."""
+    z = unit._main(x)
+    kw = unit._conv_kw
+    s = []
+    for k in range(unit.num_dendrites):
+        a = F.conv2d(x.detach(), unit.dendrite_weight[k], unit.dendrite_bias[k], **kw)
+        for j in range(k):
+            a = a + unit.dendrite_cascade[k, j].view(1, -1, 1, 1) * s[j]
+        s.append(torch.sigmoid(a))
+    return z + sum(unit.dendrite_alpha[k].view(1, -1, 1, 1) * s[k] for k in range(len(s)))
+
+
+@pytest.mark.parametrize("kind", sorted(CONVS))
+@pytest.mark.parametrize("train", [True, False])
+def test_no_dendrites_computes_the_original(kind, train):
+    conv, bn, x = _unit(kind)
+    ref_conv, ref_bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    unit = DendriticConv2d(conv, bn).train(train)
+    ref_bn.train(train)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = unit(x1)
+    y_ref = ref_bn(ref_conv(x2))
+    assert torch.equal(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.equal(x1.grad, x2.grad)
+    assert torch.equal(conv.weight.grad, ref_conv.weight.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", sorted(CONVS))
+@pytest.mark.parametrize("train", [True, False])
+def test_add_dendrite_leaves_output_unchanged_bit_for_bit(kind, train, backend):
+    conv, bn, x = _unit(kind)
+    unit = _make(conv, bn, backend).train(train)
+    bn.momentum = 0.0  # keep the running statistics fixed across the repeated train forwards
+    before = unit(x)
+    for d in range(1, 4):
+        unit.add_dendrite(cascade=torch.randn(d - 1, unit.out_channels))
+        assert unit.num_dendrites == d
+        assert torch.equal(unit(x), before)
+
+
+def test_linear_add_dendrite_exact_with_leading_dims():
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 3)
+    unit = DendriticLinear(lin)
+    x = torch.randn(2, 4, 5)
+    before = unit(x)
+    assert torch.equal(before, lin(x))
+    unit.add_dendrite()
+    unit.add_dendrite()
+    after = unit(x)
+    assert after.shape == (2, 4, 3) and torch.equal(after, before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", sorted(CONVS))
+def test_forward_matches_the_math(kind, backend):
+    conv, bn, x = _unit(kind)
+    unit = _make(conv, bn, backend).eval()
+    _randomise_dendrites(unit, 3)
+    torch.testing.assert_close(unit(x), _manual(unit, x), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_with_batchnorm_matches_the_math():
+    torch.manual_seed(1)
+    unit = DendriticLinear(nn.Linear(6, 4), nn.BatchNorm1d(4)).train()
+    unit.bn.momentum = 0.0
+    _randomise_dendrites(unit, 2)
+    x = torch.randn(8, 6)
+    z = unit.bn(unit.linear(x))
+    s0 = torch.sigmoid(x @ unit.dendrite_weight[0, :, :, 0, 0].T + unit.dendrite_bias[0])
+    s1 = torch.sigmoid(x @ unit.dendrite_weight[1, :, :, 0, 0].T + unit.dendrite_bias[1]
+                       + unit.dendrite_cascade[1, 0] * s0)
+    want = z + unit.dendrite_alpha[0] * s0 + unit.dendrite_alpha[1] * s1
+    torch.testing.assert_close(unit(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_are_perforated_and_alpha_trains(backend):
+    conv, bn, x = _unit("dense3x3")
+    unit = _make(conv, bn, backend).train()
+    bn.momentum = 0.0
+    _randomise_dendrites(unit, 2)
+    assert [a.requires_grad for a in unit.dendrite_alpha] == [False, True]
+    assert not unit.dendrite_weight.requires_grad and not unit.dendrite_cascade.requires_grad
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = unit(xa)
+    g = torch.randn_like(y)
+    y.backward(g)
+    grad_alpha = unit.dendrite_alpha[1].grad.clone()
+    unit.zero_grad()
+    # the input gradient is that of the main path alone; alpha's is the reference one
+    unit._main(xb).backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+    y_ref = _manual(unit, x)
+    want = torch.autograd.grad(y_ref, unit.dendrite_alpha[1], g)[0]
+    torch.testing.assert_close(grad_alpha, want, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_bn_in_eval_matches_unfolded():
+    conv, bn, x = _unit("depthwise_s2")
+    unit = DendriticConv2d(conv, bn).eval()
+    _randomise_dendrites(unit, 2)
+    want = unit(x)
+    unit.fold_bn = True
+    torch.testing.assert_close(unit(x), want, rtol=1e-5, atol=1e-5)
+    w, b = unit.folded_weight_bias()
+    torch.testing.assert_close(F.conv2d(x, w, b, **unit._conv_kw), unit._main(x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _candidate_unit(d=2, backend="auto"):
+    conv, bn, x = _unit("dense3x3")
+    unit = _make(conv, bn, backend).train()
+    bn.momentum = 0.0
+    _randomise_dendrites(unit, d)
+    unit.start_candidate()
+    for p in unit.parameters():
+        p.requires_grad_(False)
+    for p in unit.candidate_parameters():
+        p.requires_grad_(True)
+    return unit, x
+
+
+@pytest.mark.parametrize("d", [0, 2])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_candidate_hook_matches_the_reference_candidate_pass(backend, d):
+    unit, x = _candidate_unit(d, backend)
+    unit.warmup_batches = 1
+    with torch.no_grad():  # a non-trivial running state before the batch
+        unit.candidate_stats.copy_(torch.rand(4, unit.out_channels, dtype=torch.float64))
+        unit.candidate_stats[3] += 1.0
+        unit.candidate_count.fill_(100)
+        unit.candidate_batches.fill_(5)
+    state = [t.clone() for t in (unit.candidate_stats, unit.candidate_count,
+                                 unit.candidate_batches)]
+    w0 = [p.detach().clone() for p in unit.candidate_parameters()]
+    target = torch.randn(2, 6, 7, 7)
+    errors = []
+    y = unit(x)
+    assert y.requires_grad  # every parameter but the candidate's is frozen
+    y.register_hook(errors.append)
+    F.mse_loss(y, target).backward()
+    e = errors[0]
+    # the reference: s from the trained dendrites, sign and mean_e from the state before the batch
+    s = reference.dendrite_activations(x, unit.dendrite_weight, unit.dendrite_bias,
+                                       unit.dendrite_cascade, **unit._conv_kw)
+    s, cascade = (torch.stack(s), w0[2]) if d else (None, None)
+    corr = reference.correlation(state[0])
+    sign = torch.where(corr >= 0, 1.0, -1.0)
+    stats, gw, gb, gc = reference.candidate_pass(x, *w0[:2], cascade, s, e, state[0][1].float(),
+                                                 sign, **unit._conv_kw)
+    torch.testing.assert_close(unit.candidate_weight.grad, gw, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(unit.candidate_bias.grad, gb, rtol=1e-4, atol=1e-7)
+    if d:
+        torch.testing.assert_close(unit.candidate_cascade.grad, gc, rtol=1e-4, atol=1e-7)
+    else:
+        assert unit.candidate_cascade.grad is None and unit.candidate_cascade.shape == (0, 6)
+    n = e.numel() // e.shape[1]
+    mean, count, batches = reference.update_running_stats(*state, stats, n, 1, 0.99)
+    torch.testing.assert_close(unit.candidate_stats, mean, rtol=1e-5, atol=1e-9)
+    assert float(unit.candidate_count) == float(count) and float(unit.candidate_batches) == 6
+    # the score rose from 0, so the snapshot holds the weights that produced this batch
+    score = reference.correlation(mean).abs().sum()
+    torch.testing.assert_close(unit.candidate_best_score, score)
+    assert torch.equal(unit.candidate_best_weight, w0[0])
+
+
+def test_candidate_grads_accumulate_and_stay_off_without_grad():
+    unit, x = _candidate_unit(d=0)
+    target = torch.randn(2, 6, 7, 7)
+    grads = []
+    for _ in range(2):  # the same batch from the same (zero) running state: twice the gradient
+        for t in (unit.candidate_stats, unit.candidate_count, unit.candidate_batches):
+            t.zero_()
+        F.mse_loss(unit(x), target).backward()
+        grads.append(unit.candidate_weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], 2 * grads[0], rtol=1e-5, atol=1e-7)
+    batches = float(unit.candidate_batches)
+    with torch.no_grad():
+        unit(x)
+    unit.eval()
+    unit(x)
+    assert float(unit.candidate_batches) == batches == 1
+
+
+def test_adopt_candidate_becomes_dendrite_with_alpha_zero():
+    unit, x = _candidate_unit(d=1)
+    unit.warmup_batches = 0
+    unit.eval()
+    before = unit(x)
+    unit.train()
+    unit(x).square().sum().backward()  # takes a snapshot
+    best = unit.candidate_best_weight.clone()
+    with torch.no_grad():
+        unit.candidate_weight.add_(1.0)  # the current weights differ from the snapshot
+    unit.adopt_candidate()
+    assert unit.num_dendrites == 2 and not unit.has_candidate
+    assert torch.equal(unit.dendrite_weight[1], best)
+    assert unit.dendrite_cascade.shape == (2, 2, unit.out_channels)
+    assert torch.equal(unit.dendrite_alpha[1], torch.zeros(unit.out_channels))
+    assert torch.equal(unit.eval()(x), before)
+
+
+def test_state_dict_round_trip_rebuilds_dendrites_and_candidate():
+    unit, x = _candidate_unit(d=3)
+    unit(x).sum().backward()
+    state = copy.deepcopy(unit.state_dict())
+    conv, bn, _ = _unit("dense3x3", seed=5)
+    fresh = DendriticConv2d(conv, bn)
+    result = fresh.load_state_dict(state)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert fresh.num_dendrites == 3 and fresh.has_candidate
+    for k, v in unit.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    fresh.eval(), unit.eval()
+    assert torch.equal(fresh(x), unit(x))
+    # a checkpoint with fewer dendrites and no candidate shrinks the unit again
+    conv, bn, _ = _unit("dense3x3", seed=6)
+    small = DendriticConv2d(conv, bn)
+    small.add_dendrite()
+    fresh.load_state_dict(small.state_dict())
+    assert fresh.num_dendrites == 1 and not fresh.has_candidate
+
+
+def test_double_precision_and_errors():
+    conv, bn, x = _unit("pointwise")
+    unit = DendriticConv2d(conv, bn).double()
+    unit.add_dendrite()
+    assert unit(x.double()).dtype == torch.float64
+    with pytest.raises(TypeError, match="conv"):
+        DendriticConv2d(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="bn"):
+        DendriticConv2d(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(4))
+    with pytest.raises(TypeError, match="linear"):
+        DendriticLinear(nn.Conv2d(2, 3, 1))
+    with pytest.raises(ValueError, match="padding_mode"):
+        DendriticConv2d(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="cascade"):
+        unit.add_dendrite(cascade=torch.zeros(3, 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_input_gives_the_same_unit(backend):
+    unit, x = _candidate_unit(d=2, backend=backend)
+    target = torch.randn(2, 6, 7, 7)
+    results = []
+    for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+        for t in (unit.candidate_stats, unit.candidate_count, unit.candidate_batches):
+            t.zero_()
+        unit.zero_grad()
+        y = unit(xin)
+        F.mse_loss(y, target).backward()
+        results.append((y.detach(), unit.candidate_weight.grad.clone(),
+                        unit.candidate_stats.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_linear_candidate_on_leading_dims_matches_the_reference():
+    torch.manual_seed(2)
+    unit = DendriticLinear(nn.Linear(5, 3))
+    unit.add_dendrite()
+    unit.start_candidate()
+    x = torch.randn(2, 4, 5)
+    errors = []
+    y = unit(x)
+    y.register_hook(errors.append)
+    y.square().sum().backward()
+    x4, e4 = x.reshape(8, 5, 1, 1), errors[0].reshape(8, 3, 1, 1)
+    s = torch.stack(reference.dendrite_activations(x4, unit.dendrite_weight, unit.dendrite_bias,
+                                                   unit.dendrite_cascade, 1, 0, 1, 1))
+    zeros = torch.zeros(3)
+    _, gw, gb, gc = reference.candidate_pass(x4, unit.candidate_weight.detach(),
+                                             unit.candidate_bias.detach(),
+                                             unit.candidate_cascade.detach(), s, e4, zeros,
+                                             zeros + 1)
+    torch.testing.assert_close(unit.candidate_weight.grad, gw, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(unit.candidate_cascade.grad, gc, rtol=1e-4, atol=1e-7)
+
+
+def test_same_padding_and_non_finite_error_batches():
+    torch.manual_seed(3)
+    unit = DendriticConv2d(nn.Conv2d(3, 4, 5, padding="same", dilation=2))
+    _randomise_dendrites(unit, 1)
+    x = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(unit(x), _manual(unit, x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="asymmetric"):
+        DendriticConv2d(nn.Conv2d(3, 4, 4, padding="same"))
+    unit.start_candidate()
+    unit(x).sum().backward()
+    state = unit.candidate_stats.clone()
+    (unit(x) * float("inf")).sum().backward()  # e = inf: the running state is kept
+    assert torch.equal(unit.candidate_stats, state) and float(unit.candidate_batches) == 1
+
+
+def test_dendrite_phase_with_frozen_input_and_inplace_activation():
+    torch.manual_seed(4)
+    first = DendriticConv2d(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    second = DendriticConv2d(nn.Conv2d(4, 2, 1))
+    model = nn.Sequential(first, nn.ReLU(inplace=True), second, nn.Hardswish(inplace=True))
+    for unit in (first, second):
+        unit.add_dendrite()
+        unit.start_candidate()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for unit in (first, second):
+        for p in unit.candidate_parameters():
+            p.requires_grad_(True)
+    model(torch.randn(2, 3, 5, 5)).square().mean().backward()
+    for unit in (first, second):
+        assert unit.candidate_weight.grad.abs().sum() > 0
+        assert float(unit.candidate_batches) == 1

@@ -1,0 +1,178 @@
+"""The training loop and ``pbp-fast train``: configuration checks, the schedule, end-to-end runs on
+the CPU (digits and a synthetic CIFAR-format file), and exact resumption."""
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pbp_fast import cli
+from pbp_fast.train import TrainConfig, build_optimizer, build_scheduler, format_table, train
+
+# A tiny, fast recipe: MobileNetV2 x0.25 on 8x8 digits.
+FAST = ["--data", "digits", "--image-size", "8", "--model", "mobilenet_v2", "--width-mult",
+        "0.25", "-b", "128", "--lr", "0.05", "--lr-warmup-epochs", "1",
+        "--random-crop-padding", "1", "--hflip", "0", "--no-progress"]
+PB = ["--dendrites", "--pb-switch-mode", "fixed", "--pb-n-epochs", "1", "--pb-p-epochs", "1",
+      "--pb-max-dendrites", "3"]
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+
+
+def _model_state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+class Interrupt(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------ configuration
+
+@pytest.mark.parametrize("kwargs, word", [({"epochs": 0}, "epochs"), ({"model": "vgg"}, "model"),
+                                          ({"opt": "lamb"}, "opt"), ({"lr": -1.0}, "lr"),
+                                          ({"label_smoothing": 1.0}, "label_smoothing"),
+                                          ({"auto_augment": "aa"}, "auto_augment"),
+                                          ({"hflip": 2.0}, "hflip"),
+                                          ({"dendrites": True, "pb_n_epochs": None},
+                                           "pb_n_epochs"),
+                                          ({"device": "tpu:x"}, "device")])
+def test_config_errors_name_the_field(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        TrainConfig(data="digits", **kwargs)
+
+
+def test_cli_reports_bad_values_without_a_traceback(capsys):
+    with pytest.raises(SystemExit, match="epochs must be an int >= 1"):
+        cli.main(["train", "--data", "digits", "--epochs", "0"])
+
+
+def test_cli_reports_missing_data(tmp_path):
+    with pytest.raises(SystemExit, match="none_train.npz does not exist"):
+        cli.main(["train", "--data", str(tmp_path / "none_train.npz"), "--output-dir",
+                  str(tmp_path / "out")])
+
+
+def test_warmup_cosine_schedule_and_weight_decay_groups():
+    cfg = TrainConfig(data="digits", lr=0.1, lr_warmup_epochs=2, lr_warmup_decay=0.1,
+                      lr_min=0.001, weight_decay=1e-4)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    opt = build_optimizer(model.parameters(), cfg)
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
+    assert len(opt.param_groups[0]["params"]) == 1          # only the conv weight decays
+    sched = build_scheduler(opt, cfg, steps_per_epoch=10, epochs=10)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.01) and lrs[20] == pytest.approx(0.1)
+    assert all(a < b for a, b in zip(lrs[:20], lrs[1:21]))          # warmup rises
+    assert all(a >= b for a, b in zip(lrs[20:], lrs[21:]))          # cosine falls
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.001)
+
+
+def test_format_table():
+    text = format_table([{"a": "x", "b": 1234.5}], [("name", "a", ""), ("value", "b", ",.1f")])
+    assert text.splitlines()[0].split() == ["name", "value"]
+    assert "1,234.5" in text
+
+
+# ------------------------------------------------------------------------------ end to end
+
+def test_cli_train_writes_the_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", *FAST, "--epochs", "2", "--output-dir", str(out)]) == 0
+    for name in ("args.json", "metrics.csv", "last.pt", "best.pt", "results.json"):
+        assert (out / name).exists(), name
+    assert json.loads((out / "args.json").read_text())["model"] == "mobilenet_v2"
+    rows = _rows(out / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    results = json.loads((out / "results.json").read_text())
+    assert results["params"] > 0 and 0 <= results["test_acc"] <= 100
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "pb", "epoch", "rng"} <= ckpt.keys()
+    table = capsys.readouterr().out
+    assert "test acc %" in table and "mobilenet_v2 x0.25" in table
+
+
+def test_pb_run_resumes_exactly(tmp_path):
+    """An interrupted PB run (with augmentation, mixup and dropout) resumed from last.pt ends
+    with the same weights and metrics as an uninterrupted one; the interruptions fall inside a
+    dendrite phase (candidates in the checkpoint) and after dendrites were added."""
+    args = [*FAST, *PB, "--epochs", "4", "--auto-augment", "ta_wide", "--mixup-alpha", "0.2",
+            "--cutmix-alpha", "1.0"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert cli.main(["train", *args, "--output-dir", str(full)]) == 0
+
+    parser = cli.build_parser()
+    from pbp_fast.train import config_from_args
+    cfg = config_from_args(parser.parse_args(["train", *args, "--output-dir", str(part)]))
+
+    def stop_after(n):
+        def hook(rec):
+            if rec.epoch == n:
+                raise Interrupt
+        return hook
+
+    with pytest.raises(Interrupt):
+        train(cfg, log=lambda s: None, on_epoch_end=stop_after(1))
+    phase = torch.load(part / "last.pt", weights_only=True)["pb"]["state"]
+    assert phase == "dendrite"
+    with pytest.raises(Interrupt):
+        train(cfg.__class__(**{**cfg.__dict__, "resume": str(part)}), log=lambda s: None,
+              on_epoch_end=stop_after(3))
+    assert cli.main(["train", *args, "--resume", str(part / "last.pt")]) == 0
+
+    _assert_same_state(_model_state(full / "last.pt"), _model_state(part / "last.pt"))
+    assert _rows(full / "metrics.csv") == _rows(part / "metrics.csv")
+    assert json.loads((full / "results.json").read_text())["test_acc"] == \
+        json.loads((part / "results.json").read_text())["test_acc"]
+    events = [r["event"] for r in _rows(full / "metrics.csv")]
+    assert "add_dendrites" in events
+    assert (full / "pb_history.csv").exists() and (full / "pb_history.png").exists()
+
+
+def test_resume_refuses_a_different_dendrites_setting(tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["train", *FAST, "--epochs", "1", "--output-dir", str(out)]) == 0
+    with pytest.raises(ValueError, match="dendrites"):
+        cli.main(["train", *FAST, *PB, "--epochs", "2", "--resume", str(out)])
+
+
+def _write_npz(path, n, seed):
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    blobs = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+        blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])])
+    np.savez(path, jpeg=np.concatenate(blobs), offsets=offsets,
+             labels=(np.arange(n) % 10).astype(np.uint8))
+
+
+def test_cli_train_on_cifar_format_data(tmp_path, capsys):
+    _write_npz(tmp_path / "tiny_train.npz", 96, 0)
+    _write_npz(tmp_path / "tiny_test.npz", 32, 1)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(tmp_path / "tiny_train.npz"), "--val-size", "16",
+                     "--model", "mobilenet_v3_small", "--width-mult", "0.25", "--epochs", "1",
+                     "-b", "32", "--auto-augment", "ra", "--channels-last", "--opt", "adamw",
+                     "--lr", "0.001", "--cache-dir", str(tmp_path / "cache"),
+                     "--output-dir", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["epochs"] == 1
+    assert "mobilenet_v3_small x0.25" in capsys.readouterr().out
