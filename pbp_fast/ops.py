@@ -108,8 +108,11 @@ if HAVE_C:
         ctx.has = (bias is not None, base is not None, d_bias is not None, d_cascade is not None)
         ctx.save_for_backward(x, weight, d_weight, d_scale, d_cascade, output[1])
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the activations s
 
     def _fwd_backward(ctx, grad_y, _grad_s):
+        if grad_y is None:
+            return (None,) * 13
         x, weight, d_weight, d_scale, d_cascade, s = ctx.saved_tensors
         has_bias, has_base, has_d_bias, has_cascade = ctx.has
         n = ctx.needs_input_grad

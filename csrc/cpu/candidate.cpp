@@ -218,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> candidate_cpu(
       p.w = wt.data_ptr<T>();
       acc = run_dw_candidate(g, p);
       const int64_t off = ix.taps();
-      auto t = at::from_blob(acc.data() + off, {C * KK}, at::kDouble).to(opt.dtype());
+      auto t = at::from_blob(acc.data() + off, {C * KK}, at::kDouble).to(opt.dtype()).clone();
       gw = (g.channels_last ? t.reshape({KK, C}).t() : t.reshape({C, KK}))
                .reshape(weight.sizes()).contiguous();
     } else {

@@ -394,6 +394,7 @@ void dw_bwd(const Geom& g, const T* gy, const T* x, const T* w /* main taps or n
           const int64_t plane = n * C + c;
           const T* xp = x + plane * g.H * g.W;
           T* gxp = gx ? gx + plane * g.H * g.W : nullptr;
+          if (gxp) std::fill(gxp, gxp + g.H * g.W, T(0));  // this chunk owns the plane
           for (int64_t oh = 0; oh < g.Ho; ++oh) {
             const T* gl = gy + plane * g.HW() + oh * g.Wo;
             for (int64_t k = 0; k < D; ++k) sl[k] = s[k].at(n, c, oh * g.Wo);
@@ -429,6 +430,7 @@ void dw_bwd(const Geom& g, const T* gy, const T* x, const T* w /* main taps or n
         }
         continue;
       }
+      if (gx) std::fill(gx + n * g.H * g.W * C, gx + (n + 1) * g.H * g.W * C, T(0));
       for (int64_t oh = 0; oh < g.Ho; ++oh) {
         for (int64_t ow = 0; ow < g.Wo; ++ow) {
           const int64_t pix = oh * g.Wo + ow;
@@ -557,7 +559,9 @@ bwd_cpu(const at::Tensor& grad_y_, const at::Tensor& x_, const std::optional<at:
                                           : at::zeros({D, D, C}, d_scale.options());
   auto opt = x.options();
   auto none = [&] { return at::empty({0}, opt); };  // a masked-off output (never shared)
-  at::Tensor gx = mask[0] ? at::empty(x.sizes(), opt.memory_format(fmt)).zero_() : none();
+  // grad_x: the depthwise kernel zeroes what it owns; ATen's conv backward writes it whole.
+  at::Tensor gx = mask[0] ? at::empty(x.sizes(), opt.memory_format(fmt)) : none();
+  if (mask[0] && g.N == 0) gx.zero_();
   at::Tensor gw = none(), gb = none(), gdw = none(), gdb = none(), gds = none(), gdc = none();
   if (g.N == 0) {
     if (mask[1]) gw = at::zeros_like(weight);
