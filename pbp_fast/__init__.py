@@ -11,10 +11,10 @@ __version__ = "0.1.0"
 # Submodules and names loaded on first use (they pull in heavier dependencies).
 _LAZY = {
     "nn": ("pbp_fast.nn", None),
-    "convert": ("pbp_fast.convert", "convert"),
+    "convert": ("pbp_fast.conversion", "convert"),
     "PerforatedBackprop": ("pbp_fast.controller", "PerforatedBackprop"),
     "PBConfig": ("pbp_fast.controller", "PBConfig"),
-    "count_parameters": ("pbp_fast.convert", "count_parameters"),
+    "count_parameters": ("pbp_fast.conversion", "count_parameters"),
     "models": ("pbp_fast.models", None),
     "data": ("pbp_fast.data", None),
     "deploy": ("pbp_fast.deploy", None),

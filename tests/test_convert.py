@@ -2,7 +2,6 @@
 as it was, BatchNorms are folded into units only where the data flow proves it, and parameters
 are counted with dendrites and candidates apart."""
 import copy
-import sys
 import warnings
 
 import pytest
@@ -152,11 +151,3 @@ def test_count_parameters_shows_dendrites_and_candidates_apart():
     assert count.candidates == 72 + 8 + 16
     assert count.main == main and count.total == main + count.dendrites + count.candidates
     assert count.as_dict()["total"] == count.total and "dendrites" in str(count)
-
-
-def test_convert_is_callable_whichever_way_it_was_imported(monkeypatch):
-    module = sys.modules["pbp_fast.convert"]
-    # what a plain `import pbp_fast.convert` does to the package attribute on first import
-    monkeypatch.setattr(pbp, "convert", module)
-    model, _ = _pair()
-    assert set(pbp.convert(model)) == set(module.convert(model)) == set(pbp.convert(model))

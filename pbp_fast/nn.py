@@ -1,0 +1,409 @@
+"""Dendritic units: a conv or linear layer (plus the BatchNorm that follows it) with D trained
+dendrites and, during the dendrite phase, one candidate dendrite.  DESIGN.md "Math":
+
+    z   = BN(conv(x; W, b))                                   (the original modules, unchanged)
+    s_k = sigmoid(conv(x~; W_k, b_k) + sum_{j<k} kappa[k, j] * s_j)        x~ = x.detach()
+    y   = z + sum_k alpha_k * s_k                       alpha_k, kappa[k, j]: one per channel
+
+With D = 0 and no candidate the unit returns z itself, so a converted model computes exactly what
+it did.  A new dendrite starts with alpha = 0, which adds exact zeros.
+
+Candidate training (dendrite phase): the forward saves x and the s_k, and a hook on y receives
+e = dL/dy from the ordinary backward pass.  The hook runs the fused candidate pass
+(``functional.candidate_pass``) for v = sigmoid(conv(x~; W_c, b_c) + sum_j kappa_c[j] s_j),
+updates the running means of (v, e, v*e, e*e) (cumulative for ``warmup_batches`` batches, then an
+EMA with ``stats_momentum``), and accumulates into the candidate's ``.grad`` the gradient of
+
+    L_c = -sum_p sign(C_c) * (e_p - mean_e_c) * v_p / n,   C_c = cov(v_c, e_c) / std(e_c)
+
+so the user's optimizer trains the candidate.  Score = sum_c |C_c|; the candidate weights are
+snapshotted whenever the score beats the best by more than ``snapshot_threshold`` (relative).
+Everything in the hook is tensor ops on the device (no host synchronisation).
+
+A Linear layer is a 1x1 conv on (M, Cin, 1, 1) with M = all leading dimensions.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import nn
+
+from pbp_fast import functional, ops, reference
+
+_CANDIDATE_PARAMS = ("candidate_weight", "candidate_bias", "candidate_cascade")
+_CANDIDATE_BUFFERS = ("candidate_stats", "candidate_count", "candidate_batches",
+                      "candidate_best_weight", "candidate_best_bias", "candidate_best_cascade",
+                      "candidate_best_score")
+
+
+def _conv_init(shape):
+    """PyTorch's default Conv2d / Linear initialisation (kaiming-uniform weight, uniform bias in
+    +-1/sqrt(fan_in)), drawn in float32 on the CPU from the global generator so that it does not
+    depend on the device."""
+    w = torch.empty(shape)
+    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+    bound = 1.0 / math.sqrt(math.prod(shape[1:]))
+    return w, torch.empty(shape[0]).uniform_(-bound, bound)
+
+
+def _accumulate_grad(p, g):
+    g = g.to(p.dtype).view_as(p)
+    if p.grad is None:
+        p.grad = g.clone(memory_format=torch.preserve_format)
+    else:
+        p.grad.add_(g)
+
+
+def _as(t, dtype):
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+class DendriticUnit(nn.Module):
+    """Common machinery of :class:`DendriticConv2d` and :class:`DendriticLinear`.
+
+    Parameters (all in the module, so ``.to()``, ``state_dict`` and DDP see them):
+    ``dendrite_weight`` (D, *W.shape), ``dendrite_bias`` (D, Cout), ``dendrite_cascade``
+    (D, D, Cout) (row k holds kappa[k, j], j < k), frozen; ``dendrite_alpha`` a list of D (Cout,)
+    tensors (separate, so that only the newest one may train).  During the dendrite phase also
+    ``candidate_weight``/``candidate_bias``/``candidate_cascade`` (D, Cout) and buffers with the
+    running statistics and the best snapshot.  ``load_state_dict`` resizes all of them to the
+    checkpoint's D and candidate state.
+    """
+
+    warmup_batches: int = 10        # K: cumulative running means for the first K batches
+    stats_momentum: float = 0.99    # then an EMA with this momentum
+    snapshot_threshold: float = 0.10  # snapshot the candidate when its score improves by > 10 %
+
+    def __init__(self, main: tuple[str, nn.Module], bn: nn.Module | None, conv_kw: dict):
+        super().__init__()
+        setattr(self, *main)
+        self.bn = bn
+        weight = main[1].weight
+        self._conv_kw = conv_kw
+        self.fold_bn = False  # eval mode: fold BN into the main conv and run the unit as one op
+        self.backend = "auto"  # functional backend of the fused ops ("auto", "reference", ...)
+        shape = tuple(weight.shape) + (1,) * (4 - weight.dim())  # Linear: a 1x1 conv
+        self._weight_shape = shape
+        self.out_channels = shape[0]
+        like = dict(dtype=weight.dtype, device=weight.device)
+        self.dendrite_weight = nn.Parameter(torch.zeros((0,) + shape, **like), requires_grad=False)
+        self.dendrite_bias = nn.Parameter(torch.zeros(0, shape[0], **like), requires_grad=False)
+        self.dendrite_cascade = nn.Parameter(torch.zeros(0, 0, shape[0], **like),
+                                             requires_grad=False)
+        self.dendrite_alpha = nn.ParameterList()
+        for name in _CANDIDATE_PARAMS:
+            self.register_parameter(name, None)
+        for name in _CANDIDATE_BUFFERS:
+            self.register_buffer(name, None)
+
+    # -- subclass hooks ------------------------------------------------------------------------
+    def _main(self, x):  # z = BN(conv(x)) with the original modules
+        raise NotImplementedError
+
+    def _main_weight_bias(self):  # (W as a 4-D conv weight, b or None)
+        raise NotImplementedError
+
+    def _to_4d(self, x, z):
+        return x, z
+
+    def _from_4d(self, y, z, x=None):
+        return y
+
+    # -- structure -----------------------------------------------------------------------------
+    @property
+    def num_dendrites(self) -> int:
+        return self.dendrite_weight.shape[0]
+
+    @property
+    def has_candidate(self) -> bool:
+        return self.candidate_weight is not None
+
+    def _like(self):
+        w = self._main_weight_bias()[0]
+        return dict(dtype=w.dtype, device=w.device)
+
+    def dendrite_parameters(self) -> list[nn.Parameter]:
+        return [self.dendrite_weight, self.dendrite_bias, self.dendrite_cascade,
+                *self.dendrite_alpha]
+
+    def candidate_parameters(self) -> list[nn.Parameter]:
+        return [getattr(self, n) for n in _CANDIDATE_PARAMS] if self.has_candidate else []
+
+    def _set_dendrites(self, weight, bias, cascade, alphas):
+        self.dendrite_weight = nn.Parameter(weight, requires_grad=False)
+        self.dendrite_bias = nn.Parameter(bias, requires_grad=False)
+        self.dendrite_cascade = nn.Parameter(cascade, requires_grad=False)
+        self.dendrite_alpha = nn.ParameterList(
+            [nn.Parameter(a, requires_grad=i == len(alphas) - 1) for i, a in enumerate(alphas)])
+
+    @torch.no_grad()
+    def add_dendrite(self, weight=None, bias=None, cascade=None) -> None:
+        """Append dendrite D with alpha_D = 0 (the output is unchanged bit for bit).  ``weight``
+        (*W.shape), ``bias`` (Cout,), ``cascade`` (D, Cout) = kappa[D, :D]; missing ones are
+        initialised like the main conv (cascade: zeros).  Older alphas are frozen, the new one
+        trains; the dendrite weights are frozen."""
+        like, d, c = self._like(), self.num_dendrites, self.out_channels
+        if weight is None or bias is None:
+            w0, b0 = _conv_init(self._weight_shape)
+            weight = w0 if weight is None else weight
+            bias = b0 if bias is None else bias
+        weight = weight.reshape(self._weight_shape).to(**like)
+        bias = bias.reshape(c).to(**like)
+        cascade = torch.zeros(d, c, **like) if cascade is None else cascade.to(**like)
+        if tuple(cascade.shape) != (d, c):
+            raise ValueError(f"cascade must have shape ({d}, {c}), got {tuple(cascade.shape)}")
+        kappa = torch.zeros(d + 1, d + 1, c, **like)
+        kappa[:d, :d] = self.dendrite_cascade
+        kappa[d, :d] = cascade
+        self._set_dendrites(torch.cat([self.dendrite_weight.detach(), weight[None]]),
+                            torch.cat([self.dendrite_bias.detach(), bias[None]]), kappa,
+                            [a.detach() for a in self.dendrite_alpha] + [torch.zeros(c, **like)])
+
+    # -- candidate -----------------------------------------------------------------------------
+    def _set_candidate(self, weight, bias, cascade):
+        like = self._like()
+        f64 = dict(dtype=torch.float64, device=like["device"])
+        self.candidate_weight = nn.Parameter(weight.to(**like))
+        self.candidate_bias = nn.Parameter(bias.to(**like))
+        self.candidate_cascade = nn.Parameter(cascade.to(**like))
+        self.candidate_stats = torch.zeros(4, self.out_channels, **f64)
+        self.candidate_count = torch.zeros((), **f64)
+        self.candidate_batches = torch.zeros((), **f64)
+        self.candidate_best_weight = self.candidate_weight.detach().clone()
+        self.candidate_best_bias = self.candidate_bias.detach().clone()
+        self.candidate_best_cascade = self.candidate_cascade.detach().clone()
+        self.candidate_best_score = torch.zeros((), **f64)
+
+    def start_candidate(self) -> None:
+        """Create a fresh candidate (initialised like the main conv, cascade 0) with zeroed
+        running statistics."""
+        w, b = _conv_init(self._weight_shape)
+        self._set_candidate(w, b, torch.zeros(self.num_dendrites, self.out_channels))
+
+    def drop_candidate(self) -> None:
+        for name in _CANDIDATE_PARAMS + _CANDIDATE_BUFFERS:
+            setattr(self, name, None)
+
+    @torch.no_grad()
+    def adopt_candidate(self) -> None:
+        """The best snapshot (or, if none was ever taken, the current weights) becomes dendrite D
+        with alpha_D = 0; the candidate is removed."""
+        if not self.has_candidate:
+            raise RuntimeError("adopt_candidate: this unit has no candidate")
+        took = self.candidate_best_score > 0
+        w, b, c = (torch.where(took, best, cur) for best, cur in (
+            (self.candidate_best_weight, self.candidate_weight),
+            (self.candidate_best_bias, self.candidate_bias),
+            (self.candidate_best_cascade, self.candidate_cascade)))
+        self.drop_candidate()
+        self.add_dendrite(w, b, c)
+
+    def candidate_correlation(self) -> torch.Tensor:
+        """C_c (per output channel) from the running statistics."""
+        if not self.has_candidate:
+            raise RuntimeError("candidate_correlation: this unit has no candidate")
+        return reference.correlation(self.candidate_stats)
+
+    def _watch(self, x, y, s):
+        """Make y require grad (so that backward reaches this unit even when every parameter is
+        frozen) and hook the candidate pass onto its gradient."""
+        if not y.requires_grad:  # a non-leaf, so that in-place ops after the unit still work
+            y = y.detach().requires_grad_().clone()
+        y.register_hook(functools.partial(self._candidate_step, x.detach(), s))
+        return y
+
+    @torch.no_grad()
+    def _candidate_step(self, x, s, e):
+        dt = x.dtype
+        corr = reference.correlation(self.candidate_stats)
+        sign = torch.where(corr >= 0, 1.0, -1.0).to(dt)
+        mean_e = self.candidate_stats[1].to(dt)
+        fmt = torch.channels_last if ops.is_channels_last(x) else torch.contiguous_format
+        e = e.to(dt).contiguous(memory_format=fmt)
+        d = self.num_dendrites
+        cascade = _as(self.candidate_cascade, dt) if d else None
+        stats, gw, gb, gc = functional.candidate_pass(
+            x, _as(self.candidate_weight, dt), _as(self.candidate_bias, dt), cascade,
+            s if d else None, e, mean_e, sign, **self._conv_kw, backend=self.backend)
+        n = e.numel() // e.shape[1]
+        new = reference.update_running_stats(
+            self.candidate_stats, self.candidate_count, self.candidate_batches, stats, n,
+            self.warmup_batches, self.stats_momentum)
+        # a non-finite batch (e.g. an overflowing mixed-precision step) leaves the state as it was
+        finite = torch.isfinite(stats).all()
+        for buf, value in zip((self.candidate_stats, self.candidate_count,
+                               self.candidate_batches), new):
+            buf.copy_(torch.where(finite, value, buf))
+        mean, batches = self.candidate_stats, self.candidate_batches
+        _accumulate_grad(self.candidate_weight, gw)
+        _accumulate_grad(self.candidate_bias, gb)
+        if d:
+            _accumulate_grad(self.candidate_cascade, gc)
+        score = reference.correlation(mean).abs().sum()
+        better = (batches >= self.warmup_batches) & (
+            score > self.candidate_best_score * (1.0 + self.snapshot_threshold))
+        self.candidate_best_score.copy_(torch.where(better, score, self.candidate_best_score))
+        for best, cur in ((self.candidate_best_weight, self.candidate_weight),
+                          (self.candidate_best_bias, self.candidate_bias),
+                          (self.candidate_best_cascade, self.candidate_cascade)):
+            best.copy_(torch.where(better, cur, best))
+
+    # -- forward -------------------------------------------------------------------------------
+    def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The main conv with an eval-mode BatchNorm folded in, as a 4-D conv weight and bias:
+        W' = W * g / sqrt(var + eps),  b' = (b - mean) * g / sqrt(var + eps) + beta."""
+        w, b = self._main_weight_bias()
+        b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b
+        bn = self.bn
+        if bn is None:
+            return w, b
+        if bn.running_var is None:
+            raise RuntimeError("cannot fold a BatchNorm without running statistics")
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        shift = -bn.running_mean * scale
+        if bn.affine:
+            scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+        return w * scale.view(-1, 1, 1, 1), b * scale + shift
+
+    def _dendrites(self, dt):
+        alpha = torch.stack(list(self.dendrite_alpha)) if self.num_dendrites else \
+            self.dendrite_bias
+        return (_as(self.dendrite_weight, dt), _as(self.dendrite_bias, dt), _as(alpha, dt),
+                _as(self.dendrite_cascade, dt))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cand = self.has_candidate and self.training and torch.is_grad_enabled()
+        if (self.fold_bn and not self.training and self.bn is not None
+                and self.bn.running_var is not None and not cand):
+            return self._folded_forward(x)
+        z = self._main(x)
+        d = self.num_dendrites
+        if d == 0 and not cand:
+            return z
+        x4, z4 = self._to_4d(x, z)
+        x4 = _as(x4, z4.dtype)
+        if d:
+            y4, s = functional.dendritic_conv2d_with_s(
+                x4, None, None, *self._dendrites(z4.dtype), **self._conv_kw, base=z4,
+                save_s=cand, backend=self.backend)
+        else:
+            y4, s = z4, None
+        if cand:
+            y4 = self._watch(x4, y4, s)
+        return self._from_4d(y4, z)
+
+    def _folded_forward(self, x):
+        w, b = self.folded_weight_bias()
+        x4, _ = self._to_4d(x, None)
+        y4 = functional.dendritic_conv2d(x4, w, b, *self._dendrites(w.dtype), **self._conv_kw,
+                                         backend=self.backend)
+        return self._from_4d(y4, None, x)
+
+    def extra_repr(self) -> str:
+        return f"num_dendrites={self.num_dendrites}, candidate={self.has_candidate}"
+
+    # -- state_dict ----------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Rebuild the dendrites and the candidate to the checkpoint's structure, then load."""
+        key = prefix + "dendrite_weight"
+        if key in state_dict and state_dict[key].shape[0] != self.num_dendrites:
+            d, like, c = state_dict[key].shape[0], self._like(), self.out_channels
+            self.drop_candidate()
+            self._set_dendrites(torch.zeros((d,) + self._weight_shape, **like),
+                                torch.zeros(d, c, **like), torch.zeros(d, d, c, **like),
+                                [torch.zeros(c, **like) for _ in range(d)])
+        has = prefix + "candidate_weight" in state_dict
+        if has and not self.has_candidate:  # placeholders (no random draws), filled below
+            self._set_candidate(torch.zeros(self._weight_shape), torch.zeros(self.out_channels),
+                                torch.zeros(self.num_dendrites, self.out_channels))
+        elif not has and self.has_candidate:
+            self.drop_candidate()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+class DendriticConv2d(DendriticUnit):
+    """A dendritic unit around an ``nn.Conv2d`` (any groups) and an optional ``nn.BatchNorm2d``
+    applied to its output.  The original modules are kept as ``.conv`` and ``.bn``."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None):
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"conv.padding_mode must be 'zeros', got {conv.padding_mode!r}")
+        if bn is not None and (not isinstance(bn, nn.BatchNorm2d)
+                               or bn.num_features != conv.out_channels):
+            raise ValueError(f"bn must be an nn.BatchNorm2d with num_features = "
+                             f"conv.out_channels = {conv.out_channels}, got {bn!r}")
+        padding = conv.padding
+        if isinstance(padding, str):
+            padding = _same_padding(conv) if padding == "same" else (0, 0)
+        kw = dict(stride=_pair(conv.stride), padding=_pair(padding),
+                  dilation=_pair(conv.dilation), groups=conv.groups)
+        super().__init__(("conv", conv), bn, kw)
+
+    def _main(self, x):
+        z = self.conv(x)
+        return z if self.bn is None else self.bn(z)
+
+    def _main_weight_bias(self):
+        return self.conv.weight, self.conv.bias
+
+    def _to_4d(self, x, z):
+        if x.dim() == 3:
+            raise ValueError("DendriticConv2d needs a batched 4-D input (N, C, H, W)")
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            x = x.contiguous()
+        return x, z
+
+    def _from_4d(self, y, z, x=None):
+        return y
+
+
+def _same_padding(conv):
+    pads = []
+    for k, d in zip(_pair(conv.kernel_size), _pair(conv.dilation)):
+        if (d * (k - 1)) % 2:
+            raise ValueError(f"conv padding='same' with kernel {conv.kernel_size} and dilation "
+                             f"{conv.dilation} pads asymmetrically, which the fused op does not "
+                             f"support")
+        pads.append(d * (k - 1) // 2)
+    return tuple(pads)
+
+
+class DendriticLinear(DendriticUnit):
+    """A dendritic unit around an ``nn.Linear`` and an optional ``nn.BatchNorm1d`` on its output,
+    computed as a 1x1 conv over all leading dimensions.  Kept as ``.linear`` and ``.bn``."""
+
+    def __init__(self, linear: nn.Linear, bn: nn.BatchNorm1d | None = None):
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if bn is not None and (not isinstance(bn, nn.BatchNorm1d)
+                               or bn.num_features != linear.out_features):
+            raise ValueError(f"bn must be an nn.BatchNorm1d with num_features = "
+                             f"linear.out_features = {linear.out_features}, got {bn!r}")
+        super().__init__(("linear", linear), bn, dict(stride=1, padding=0, dilation=1, groups=1))
+
+    def _main(self, x):
+        z = self.linear(x)
+        return z if self.bn is None else self.bn(z)
+
+    def _main_weight_bias(self):
+        w = self.linear.weight
+        return w.view(w.shape[0], w.shape[1], 1, 1), self.linear.bias
+
+    def _to_4d(self, x, z):
+        c_in = self.linear.in_features
+        return x.reshape(-1, c_in, 1, 1), None if z is None else z.reshape(-1, self.out_channels,
+                                                                             1, 1)
+
+    def _from_4d(self, y, z, x=None):
+        shape = z.shape if z is not None else tuple(x.shape[:-1]) + (self.out_channels,)
+        return y.reshape(shape)
