@@ -79,28 +79,46 @@ void dw_fwd(const Geom& g, const T* x, const std::vector<const T*>& w,
     });
     return;
   }
-  // NHWC: w[m] holds the transposed taps (KH*KW, C).
+  // NHWC: w[m] holds the transposed taps (KH*KW, C). Per output pixel, the valid taps are listed
+  // once; each block of 16 channels accumulates in registers over all taps.
+  constexpr int64_t CB = 16;
   at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t r0, int64_t r1) {
     std::vector<T> acc(M * C), tmp(D * C);
     std::vector<const T*> a(D);
     std::vector<T*> sl(D);
+    std::vector<int64_t> xoff(KK), woff(KK);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / g.Ho, oh = r % g.Ho;
       for (int64_t ow = 0; ow < g.Wo; ++ow) {
+        int64_t nt = 0;
+        for (int64_t i = 0; i < g.KH; ++i) {
+          const int64_t ih = oh * g.SH - g.PH + i * g.DH;
+          if (ih < 0 || ih >= g.H) continue;
+          for (int64_t j = 0; j < g.KW; ++j) {
+            const int64_t iw = ow * g.SW - g.PW + j * g.DW;
+            if (iw < 0 || iw >= g.W) continue;
+            xoff[nt] = ((n * g.H + ih) * g.W + iw) * C;
+            woff[nt++] = (i * g.KW + j) * C;
+          }
+        }
         for (int64_t m = 0; m < M; ++m) {
           T* row = acc.data() + m * C;
-          if (b[m]) std::copy(b[m], b[m] + C, row); else std::fill(row, row + C, T(0));
-          for (int64_t i = 0; i < g.KH; ++i) {
-            const int64_t ih = oh * g.SH - g.PH + i * g.DH;
-            if (ih < 0 || ih >= g.H) continue;
-            for (int64_t j = 0; j < g.KW; ++j) {
-              const int64_t iw = ow * g.SW - g.PW + j * g.DW;
-              if (iw < 0 || iw >= g.W) continue;
-              const T* xv = x + ((n * g.H + ih) * g.W + iw) * C;
-              const T* wv = w[m] + (i * g.KW + j) * C;
-              for (int64_t c = 0; c < C; ++c) row[c] += wv[c] * xv[c];
+          const T* wm = w[m];
+          const T* bm = b[m];
+          int64_t c0 = 0;
+          for (; c0 + CB <= C; c0 += CB) {
+            T reg[CB];
+            for (int64_t c = 0; c < CB; ++c) reg[c] = bm ? bm[c0 + c] : T(0);
+            for (int64_t t = 0; t < nt; ++t) {
+              const T* xv = x + xoff[t] + c0;
+              const T* wv = wm + woff[t] + c0;
+              for (int64_t c = 0; c < CB; ++c) reg[c] += wv[c] * xv[c];
             }
+            for (int64_t c = 0; c < CB; ++c) row[c0 + c] = reg[c];
           }
+          for (int64_t c = c0; c < C; ++c) row[c] = bm ? bm[c] : T(0);
+          for (int64_t t = 0; t < nt && c0 < C; ++t)
+            for (int64_t c = c0; c < C; ++c) row[c] += wm[woff[t] + c] * x[xoff[t] + c];
         }
         const int64_t pix = oh * g.Wo + ow;
         for (int64_t k = 0; k < D; ++k) {
