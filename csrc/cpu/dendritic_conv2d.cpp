@@ -555,6 +555,25 @@ at::Tensor from_acc(const std::vector<double>& acc, int64_t off, at::IntArrayRef
   return t.to(opt.dtype()).reshape(shape).clone();
 }
 
+// Pointwise backward as GEMMs: per sample in NCHW (batched), over all pixel rows in NHWC.
+at::Tensor pw_grad_input(const Geom& g, const at::Tensor& gy, const at::Tensor& weight) {
+  const auto w2 = weight.reshape({g.Cout, g.Cin});
+  if (!g.channels_last)
+    return at::matmul(w2.t(), gy.reshape({g.N, g.Cout, g.HW()})).view({g.N, g.Cin, g.H, g.W});
+  return gy.permute({0, 2, 3, 1}).reshape({g.N * g.HW(), g.Cout}).mm(w2)
+      .view({g.N, g.H, g.W, g.Cin}).permute({0, 3, 1, 2});
+}
+
+// sum over pixels of gy (N, M, Ho, Wo) x x^T: (M, Cin).
+at::Tensor pw_grad_weight(const Geom& g, const at::Tensor& gy, const at::Tensor& x) {
+  const int64_t M = gy.size(1);
+  if (!g.channels_last)
+    return at::bmm(gy.reshape({g.N, M, g.HW()}), x.reshape({g.N, g.Cin, g.HW()}).transpose(1, 2))
+        .sum(0);
+  return gy.permute({0, 2, 3, 1}).reshape({g.N * g.HW(), M}).t()
+      .mm(x.permute({0, 2, 3, 1}).reshape({g.N * g.HW(), g.Cin}));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 bwd_cpu(const at::Tensor& grad_y_, const at::Tensor& x_, const std::optional<at::Tensor>& weight_,
         const at::Tensor& d_weight, const at::Tensor& d_scale_,
@@ -635,6 +654,12 @@ bwd_cpu(const at::Tensor& grad_y_, const at::Tensor& x_, const std::optional<at:
         acc = run_epilogue_bwd(g, view_of<T>(gy, g), sv, alpha, casc, mask, dav);
       }
       (void)need_da;
+      if (is_pointwise(g)) {  // 1x1: the gradients are GEMMs over pixels
+        if (mask[0]) gx = pw_grad_input(g, gy, weight);
+        if (mask[1]) gw = pw_grad_weight(g, gy, x).view(weight.sizes());
+        if (mask[3] && Ds > 0) gdw = pw_grad_weight(g, da_all, x).view(d_weight.sizes());
+        return;
+      }
       if (mask[0] || mask[1]) {
         auto r = at::convolution_backward(gy, x, weight, std::nullopt, stride, padding, dilation,
                                           false, {0, 0}, groups, {mask[0], mask[1], false});
