@@ -148,12 +148,6 @@ std::vector<double> dw_candidate(const Geom& g, const Args<T>& p) {
   });
 }
 
-PBP_CLONES std::vector<double> run_dw_candidate(const Geom& g, const Args<float>& p) {
-  return dw_candidate<float>(g, p);
-}
-std::vector<double> run_dw_candidate(const Geom& g, const Args<double>& p) {
-  return dw_candidate<double>(g, p);
-}
 
 // General convs: `a` is the conv output (layout of e); overwritten with dL/da.
 template <typename T>
@@ -178,14 +172,6 @@ std::vector<double> candidate_epilogue(const Geom& g, T* a, const Args<T>& p) {
   });
 }
 
-PBP_CLONES std::vector<double> run_candidate_epilogue(const Geom& g, float* a,
-                                                      const Args<float>& p) {
-  return candidate_epilogue<float>(g, a, p);
-}
-std::vector<double> run_candidate_epilogue(const Geom& g, double* a,
-                                                      const Args<double>& p) {
-  return candidate_epilogue<double>(g, a, p);
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> candidate_cpu(
     const at::Tensor& x_, const at::Tensor& weight, const std::optional<at::Tensor>& bias_,
@@ -216,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> candidate_cpu(
     if (is_depthwise(g)) {
       auto wt = g.channels_last ? weight.reshape({C, KK}).t().contiguous() : weight.contiguous();
       p.w = wt.data_ptr<T>();
-      acc = run_dw_candidate(g, p);
+      acc = dw_candidate<T>(g, p);
       const int64_t off = ix.taps();
       auto t = at::from_blob(acc.data() + off, {C * KK}, at::kDouble).to(opt.dtype()).clone();
       gw = (g.channels_last ? t.reshape({KK, C}).t() : t.reshape({C, KK}))
@@ -226,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> candidate_cpu(
                                                          : std::nullopt,
                                stride, padding, dilation, false, {0, 0}, groups)
                    .contiguous(fmt);
-      acc = run_candidate_epilogue(g, a.data_ptr<T>(), p);
+      acc = candidate_epilogue<T>(g, a.data_ptr<T>(), p);
       gw = std::get<1>(at::convolution_backward(a, x, weight, std::nullopt, stride, padding,
                                                 dilation, false, {0, 0}, groups,
                                                 {false, true, false}));

@@ -12,12 +12,6 @@
 
 namespace pbp {
 
-// Hot loops get an AVX2+FMA clone on x86-64, picked at load time; other CPUs run the default.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PBP_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define PBP_CLONES
-#endif
 #define PBP_INLINE inline __attribute__((always_inline))
 
 struct Geom {

@@ -133,18 +133,6 @@ void dw_fwd(const Geom& g, const T* x, const std::vector<const T*>& w,
   });
 }
 
-PBP_CLONES void run_dw_fwd(const Geom& g, const float* x, const std::vector<const float*>& w,
-                           const std::vector<const float*>& b, bool has_main,
-                           const View<float>& base, const float* alpha, const float* casc,
-                           const View<float>& y, const std::vector<View<float>>& s) {
-  dw_fwd<float>(g, x, w, b, has_main, base, alpha, casc, y, s);
-}
-void run_dw_fwd(const Geom& g, const double* x, const std::vector<const double*>& w,
-                           const std::vector<const double*>& b, bool has_main,
-                           const View<double>& base, const double* alpha, const double* casc,
-                           const View<double>& y, const std::vector<View<double>>& s) {
-  dw_fwd<double>(g, x, w, b, has_main, base, alpha, casc, y, s);
-}
 
 // ---------------------------------------------------------------- epilogue over conv outputs
 template <typename T>
@@ -175,18 +163,6 @@ void epilogue_fwd(const Geom& g, const View<T>& main, const std::vector<View<T>>
   });
 }
 
-PBP_CLONES void run_epilogue_fwd(const Geom& g, const View<float>& main,
-                                 const std::vector<View<float>>& a, const View<float>& base,
-                                 const float* alpha, const float* casc, const View<float>& y,
-                                 const std::vector<View<float>>& s) {
-  epilogue_fwd<float>(g, main, a, base, alpha, casc, y, s);
-}
-void run_epilogue_fwd(const Geom& g, const View<double>& main,
-                                 const std::vector<View<double>>& a, const View<double>& base,
-                                 const double* alpha, const double* casc, const View<double>& y,
-                                 const std::vector<View<double>>& s) {
-  epilogue_fwd<double>(g, main, a, base, alpha, casc, y, s);
-}
 
 // The weights of all members stacked for one convolution; for groups > 1 the members are
 // interleaved per group so that each group's output block holds main and dendrites together.
@@ -285,18 +261,6 @@ void pw_fwd(const Geom& g, const at::Tensor& x, const at::Tensor& w_all, const a
   });
 }
 
-PBP_CLONES void run_pw_fwd(const Geom& g, const at::Tensor& x, const at::Tensor& w_all,
-                           const at::Tensor& b_all, bool has_main, const View<float>& base,
-                           const float* alpha, const float* casc, const View<float>& y,
-                           const std::vector<View<float>>& s) {
-  pw_fwd<float>(g, x, w_all, b_all, has_main, base, alpha, casc, y, s);
-}
-void run_pw_fwd(const Geom& g, const at::Tensor& x, const at::Tensor& w_all,
-                const at::Tensor& b_all, bool has_main, const View<double>& base,
-                const double* alpha, const double* casc, const View<double>& y,
-                const std::vector<View<double>>& s) {
-  pw_fwd<double>(g, x, w_all, b_all, has_main, base, alpha, casc, y, s);
-}
 
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(
     const at::Tensor& x_, const std::optional<at::Tensor>& weight_,
@@ -345,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(
       if (has_main) b.push_back(biasc.defined() ? biasc.data_ptr<T>() : nullptr);
       for (int64_t k = 0; k < D; ++k)
         b.push_back(dbiasc.defined() ? dbiasc.data_ptr<T>() + k * C : nullptr);
-      run_dw_fwd(g, x.data_ptr<T>(), w, b, has_main, bv, alpha, casc, yv, sv);
+      dw_fwd<T>(g, x.data_ptr<T>(), w, b, has_main, bv, alpha, casc, yv, sv);
       return;
     }
     // General convs: one convolution over the stacked members, then the epilogue.
@@ -358,7 +322,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(
       bs.push_back(bm.defined() ? bm : at::zeros({C}, x.options()));
     }
     if (is_pointwise(g)) {
-      run_pw_fwd(g, x, at::cat(ws).reshape({M * C, g.Cin}), at::cat(bs), has_main, bv, alpha,
+      pw_fwd<T>(g, x, at::cat(ws).reshape({M * C, g.Cin}), at::cat(bs), has_main, bv, alpha,
                  casc, yv, sv);
       return;
     }
@@ -377,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(
     std::vector<View<T>> av;
     for (int64_t k = 0; k < D; ++k) av.push_back(mv(M - D + k));
     const View<T> main = has_main ? mv(0) : View<T>();
-    run_epilogue_fwd(g, main, av, bv, alpha, casc, yv, sv);
+    epilogue_fwd<T>(g, main, av, bv, alpha, casc, yv, sv);
   });
   return {y, s};
 }
@@ -486,18 +450,6 @@ void dw_bwd(const Geom& g, const T* gy, const T* x, const T* w /* main taps or n
   });
 }
 
-PBP_CLONES void run_dw_bwd(const Geom& g, const float* gy, const float* x, const float* w,
-                           const std::vector<View<float>>& s, const float* alpha,
-                           const float* casc, float* gx, const bool* mask,
-                           std::vector<double>& out) {
-  dw_bwd<float>(g, gy, x, w, s, alpha, casc, gx, mask, out);
-}
-void run_dw_bwd(const Geom& g, const double* gy, const double* x, const double* w,
-                           const std::vector<View<double>>& s, const double* alpha,
-                           const double* casc, double* gx, const bool* mask,
-                           std::vector<double>& out) {
-  dw_bwd<double>(g, gy, x, w, s, alpha, casc, gx, mask, out);
-}
 
 // Epilogue backward over a (N, Cout, Ho, Wo) gradient: the per-channel sums, and da written to
 // `da` views when given.
@@ -532,20 +484,6 @@ std::vector<double> epilogue_bwd(const Geom& g, const View<T>& gy, const std::ve
   });
 }
 
-PBP_CLONES std::vector<double> run_epilogue_bwd(const Geom& g, const View<float>& gy,
-                                                const std::vector<View<float>>& s,
-                                                const float* alpha, const float* casc,
-                                                const bool* mask,
-                                                const std::vector<View<float>>& da) {
-  return epilogue_bwd<float>(g, gy, s, alpha, casc, mask, da);
-}
-std::vector<double> run_epilogue_bwd(const Geom& g, const View<double>& gy,
-                                                const std::vector<View<double>>& s,
-                                                const double* alpha, const double* casc,
-                                                const bool* mask,
-                                                const std::vector<View<double>>& da) {
-  return epilogue_bwd<double>(g, gy, s, alpha, casc, mask, da);
-}
 
 at::Tensor from_acc(const std::vector<double>& acc, int64_t off, at::IntArrayRef shape,
                     const at::TensorOptions& opt) {
@@ -629,7 +567,7 @@ bwd_cpu(const at::Tensor& grad_y_, const at::Tensor& x_, const std::optional<at:
       const T* w = wt.defined() ? wt.data_ptr<T>() : nullptr;
       const Geom gs = g;
       std::vector<View<T>> svs(sv.begin(), sv.begin() + Ds);
-      run_dw_bwd(gs, gy.data_ptr<T>(), x.data_ptr<T>(), w, svs, alpha, casc,
+      dw_bwd<T>(gs, gy.data_ptr<T>(), x.data_ptr<T>(), w, svs, alpha, casc,
                   mask[0] ? gx.data_ptr<T>() : nullptr, mask, acc);
       const DwAcc ax{ix, KK};
       auto taps = [&](int64_t off) {  // (C, 1, KH, KW) from the accumulator's layout
@@ -651,7 +589,7 @@ bwd_cpu(const at::Tensor& grad_y_, const at::Tensor& x_, const std::optional<at:
         for (int64_t k = 0; k < D; ++k) dav.push_back(member_view<T>(da_all, g, D, k));
       }
       if (Ds > 0 || mask[2]) {
-        acc = run_epilogue_bwd(g, view_of<T>(gy, g), sv, alpha, casc, mask, dav);
+        acc = epilogue_bwd<T>(g, view_of<T>(gy, g), sv, alpha, casc, mask, dav);
       }
       (void)need_da;
       if (is_pointwise(g)) {  // 1x1: the gradients are GEMMs over pixels
