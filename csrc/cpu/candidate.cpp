@@ -43,15 +43,13 @@ PBP_INLINE void cand_line(int64_t L, int64_t D, int64_t Cout, T* a, const T* con
       a[i] = -sign[i] * (ei - mean_e[i]) * inv_n * v * (T(1) - v);
     }
   } else {
-    T sv = 0, se = 0, sve = 0, see = 0;
-    const T sg = sign[0], me = mean_e[0];
-    for (int64_t i = 0; i < L; ++i) {
-      const T v = sigmoid(a[i]), ei = e[i];
-      sv += v; se += ei; sve += v * ei; see += ei * ei;
-      a[i] = -sg * (ei - me) * inv_n * v * (T(1) - v);
-    }
-    acc[ix.stat(0)] += double(sv); acc[ix.stat(1)] += double(se);
-    acc[ix.stat(2)] += double(sve); acc[ix.stat(3)] += double(see);
+    for (int64_t i = 0; i < L; ++i) a[i] = sigmoid(a[i]);
+    acc[ix.stat(0)] += double(dot(L, (const T*)a, (const T*)nullptr));
+    acc[ix.stat(1)] += double(dot(L, e, (const T*)nullptr));
+    acc[ix.stat(2)] += double(dot(L, (const T*)a, e));
+    acc[ix.stat(3)] += double(dot(L, e, e));
+    const T scale = -sign[0] * inv_n, me = mean_e[0];
+    for (int64_t i = 0; i < L; ++i) a[i] = scale * (e[i] - me) * a[i] * (T(1) - a[i]);
   }
   acc_add<CH_INNER>(acc + ix.bias(), L, (const T*)a, (const T*)nullptr);
   for (int64_t j = 0; j < D; ++j) acc_add<CH_INNER>(acc + ix.casc(j), L, (const T*)a, s[j]);
@@ -103,9 +101,8 @@ std::vector<double> dw_candidate(const Geom& g, const Args<T>& p) {
               for (int64_t j = 0; j < g.KW; ++j) {
                 int64_t lo, hi, off = j * g.DW - g.PW;
                 tap_range(g.Wo, g.W, g.SW, off, lo, hi);
-                T sum = 0;
-                for (int64_t ow = lo; ow < hi; ++ow) sum += a[ow] * xr[ow * g.SW + off];
-                acc[ix.taps() + c * KK + i * g.KW + j] += double(sum);
+                acc[ix.taps() + c * KK + i * g.KW + j] +=
+                    double(dot(hi - lo, a.data() + lo, xr + lo * g.SW + off, g.SW));
               }
             }
           }

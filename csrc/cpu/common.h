@@ -122,6 +122,25 @@ struct BwdAcc {
   int64_t size() const { return (1 + 2 * D + D * D) * Cout; }
 };
 
+// sum_i u[i] * w[i * ws] (w null: sum_i u[i]) with 16 independent partial sums, so the compiler
+// vectorises it (it does not reassociate float additions by itself).
+template <typename T>
+PBP_INLINE T dot(int64_t L, const T* u, const T* w, int64_t ws = 1) {
+  constexpr int64_t V = 16;
+  T part[V] = {};
+  int64_t i = 0;
+  if (!w)
+    for (; i + V <= L; i += V)
+      for (int64_t v = 0; v < V; ++v) part[v] += u[i + v];
+  else if (ws == 1)
+    for (; i + V <= L; i += V)
+      for (int64_t v = 0; v < V; ++v) part[v] += u[i + v] * w[i + v];
+  T sum = 0;
+  for (; i < L; ++i) sum += w ? u[i] * w[i * ws] : u[i];
+  for (int64_t v = 0; v < V; ++v) sum += part[v];
+  return sum;
+}
+
 template <bool CH_INNER, typename T>
 PBP_INLINE void acc_add(double* acc, int64_t L, const T* u, const T* w) {
   // acc (+c0 already applied) += sum over the line of u * w (w may be null: plain sum).
@@ -129,10 +148,7 @@ PBP_INLINE void acc_add(double* acc, int64_t L, const T* u, const T* w) {
     if (w) for (int64_t i = 0; i < L; ++i) acc[i] += double(u[i] * w[i]);
     else   for (int64_t i = 0; i < L; ++i) acc[i] += double(u[i]);
   } else {
-    T sum = 0;
-    if (w) for (int64_t i = 0; i < L; ++i) sum += u[i] * w[i];
-    else   for (int64_t i = 0; i < L; ++i) sum += u[i];
-    acc[0] += double(sum);
+    acc[0] += double(dot(L, u, w));
   }
 }
 

@@ -396,15 +396,12 @@ void dw_bwd(const Geom& g, const T* gy, const T* x, const T* w /* main taps or n
                   for (int64_t ow = lo; ow < hi; ++ow) gr[ow * g.SW + off] += wv * gl[ow];
                 }
                 if (mask[1]) {
-                  T sum = 0;
-                  for (int64_t ow = lo; ow < hi; ++ow) sum += gl[ow] * xr[ow * g.SW + off];
-                  acc[ax.gw() + c * KK + tap] += double(sum);
+                  acc[ax.gw() + c * KK + tap] +=
+                      double(dot(hi - lo, gl + lo, xr + lo * g.SW + off, g.SW));
                 }
                 for (int64_t k = 0; mask[3] && k < D; ++k) {
-                  T sum = 0;
-                  const T* dk = da[k];
-                  for (int64_t ow = lo; ow < hi; ++ow) sum += dk[ow] * xr[ow * g.SW + off];
-                  acc[ax.gdw(k) + c * KK + tap] += double(sum);
+                  acc[ax.gdw(k) + c * KK + tap] +=
+                      double(dot(hi - lo, da[k] + lo, xr + lo * g.SW + off, g.SW));
                 }
               }
             }
