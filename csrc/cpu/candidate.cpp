@@ -78,33 +78,16 @@ std::vector<double> dw_candidate(const Geom& g, const Args<T>& p) {
           const T* xp = p.x + (n * C + c) * g.H * g.W;
           const T* wc = p.w + c * KK;
           for (int64_t oh = 0; oh < g.Ho; ++oh) {
-            std::fill(a.begin(), a.end(), p.b ? p.b[c] : T(0));
-            for (int64_t i = 0; i < g.KH; ++i) {
-              const int64_t ih = oh * g.SH - g.PH + i * g.DH;
-              if (ih < 0 || ih >= g.H) continue;
-              const T* xr = xp + ih * g.W;
-              for (int64_t j = 0; j < g.KW; ++j) {
-                int64_t lo, hi, off = j * g.DW - g.PW;
-                tap_range(g.Wo, g.W, g.SW, off, lo, hi);
-                const T wv = wc[i * g.KW + j];
-                for (int64_t ow = lo; ow < hi; ++ow) a[ow] += wv * xr[ow * g.SW + off];
-              }
-            }
+            dw_row(g, oh, xp, wc, p.b ? p.b[c] : T(0), a.data());
             const int64_t o = (n * C + c) * HW + oh * g.Wo;
             for (int64_t k = 0; k < D; ++k) sl[k] = p.s[k] + o;
             cand_line<false>(g.Wo, D, C, a.data(), sl.data(), p.casc + c, p.e + o,
                              p.mean_e + c, p.sign + c, p.inv_n, acc + c, ix);
-            for (int64_t i = 0; i < g.KH; ++i) {
-              const int64_t ih = oh * g.SH - g.PH + i * g.DH;
-              if (ih < 0 || ih >= g.H) continue;
-              const T* xr = xp + ih * g.W;
-              for (int64_t j = 0; j < g.KW; ++j) {
-                int64_t lo, hi, off = j * g.DW - g.PW;
-                tap_range(g.Wo, g.W, g.SW, off, lo, hi);
-                acc[ix.taps() + c * KK + i * g.KW + j] +=
-                    double(dot(hi - lo, a.data() + lo, xr + lo * g.SW + off, g.SW));
-              }
-            }
+            for_row_taps(g, oh, xp, [&](int64_t tap, int64_t, const T* xo, int64_t lo,
+                                        int64_t hi) {
+              acc[ix.taps() + c * KK + tap] +=
+                  double(dot(hi - lo, a.data() + lo, xo + lo * g.SW, g.SW));
+            });
           }
         }
         continue;

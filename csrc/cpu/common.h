@@ -203,4 +203,33 @@ inline void tap_range(int64_t out, int64_t in, int64_t s, int64_t off, int64_t& 
   if (hi < lo) hi = lo;
 }
 
+// NCHW depthwise, one output row `oh` of one plane: calls f(tap, i, xo, lo, hi) for every kernel
+// tap whose input row lies inside the image; output columns [lo, hi) read xo[ow * SW] and the
+// tap's input row is i (0 <= i < H).
+template <typename T, typename F>
+PBP_INLINE void for_row_taps(const Geom& g, int64_t oh, const T* plane, const F& f) {
+  for (int64_t i = 0; i < g.KH; ++i) {
+    const int64_t ih = oh * g.SH - g.PH + i * g.DH;
+    if (ih < 0 || ih >= g.H) continue;
+    for (int64_t j = 0; j < g.KW; ++j) {
+      int64_t lo, hi, off = j * g.DW - g.PW;
+      tap_range(g.Wo, g.W, g.SW, off, lo, hi);
+      f(i * g.KW + j, ih, plane + ih * g.W + off, lo, hi);
+    }
+  }
+}
+
+// row[ow] = bias + sum over taps of w[tap] * x[...]: one output row of an NCHW depthwise conv.
+template <typename T>
+PBP_INLINE void dw_row(const Geom& g, int64_t oh, const T* plane, const T* w, T bias, T* row) {
+  std::fill(row, row + g.Wo, bias);
+  for_row_taps(g, oh, plane, [&](int64_t tap, int64_t, const T* xo, int64_t lo, int64_t hi) {
+    const T wv = w[tap];
+    if (g.SW == 1)
+      for (int64_t ow = lo; ow < hi; ++ow) row[ow] += wv * xo[ow];
+    else
+      for (int64_t ow = lo; ow < hi; ++ow) row[ow] += wv * xo[ow * g.SW];
+  });
+}
+
 }  // namespace pbp

@@ -45,27 +45,8 @@ void dw_fwd(const Geom& g, const T* x, const std::vector<const T*>& w,
         const int64_t n = p / C, c = p % C;
         const T* xp = x + p * g.H * g.W;
         for (int64_t oh = 0; oh < g.Ho; ++oh) {
-          for (int64_t m = 0; m < M; ++m) {
-            T* row = acc.data() + m * g.Wo;
-            std::fill(row, row + g.Wo, b[m] ? b[m][c] : T(0));
-            const T* wm = w[m] + c * KK;
-            for (int64_t i = 0; i < g.KH; ++i) {
-              const int64_t ih = oh * g.SH - g.PH + i * g.DH;
-              if (ih < 0 || ih >= g.H) continue;
-              const T* xr = xp + ih * g.W;
-              for (int64_t j = 0; j < g.KW; ++j) {
-                int64_t lo, hi, off = j * g.DW - g.PW;
-                tap_range(g.Wo, g.W, g.SW, off, lo, hi);
-                const T wv = wm[i * g.KW + j];
-                if (g.SW == 1) {
-                  const T* xo = xr + off;
-                  for (int64_t ow = lo; ow < hi; ++ow) row[ow] += wv * xo[ow];
-                } else {
-                  for (int64_t ow = lo; ow < hi; ++ow) row[ow] += wv * xr[ow * g.SW + off];
-                }
-              }
-            }
-          }
+          for (int64_t m = 0; m < M; ++m)
+            dw_row(g, oh, xp, w[m] + c * KK, b[m] ? b[m][c] : T(0), acc.data() + m * g.Wo);
           const int64_t pix = oh * g.Wo;
           for (int64_t k = 0; k < D; ++k) {
             a[k] = acc.data() + (M - D + k) * g.Wo;
@@ -382,29 +363,20 @@ void dw_bwd(const Geom& g, const T* gy, const T* x, const T* w /* main taps or n
             for (int64_t k = 0; k < D; ++k) sl[k] = s[k].at(n, c, oh * g.Wo);
             bwd_line<false>(g.Wo, D, C, gl, sl.data(), alpha + c, casc + c, mask[2], mask[5],
                             need_da, da.data(), acc + c, ax.ix);
-            for (int64_t i = 0; i < g.KH; ++i) {
-              const int64_t ih = oh * g.SH - g.PH + i * g.DH;
-              if (ih < 0 || ih >= g.H) continue;
-              const T* xr = xp + ih * g.W;
-              for (int64_t j = 0; j < g.KW; ++j) {
-                int64_t lo, hi, off = j * g.DW - g.PW;
-                tap_range(g.Wo, g.W, g.SW, off, lo, hi);
-                const int64_t tap = i * g.KW + j;
-                if (gxp) {
-                  T* gr = gxp + ih * g.W;
-                  const T wv = w[c * KK + tap];
-                  for (int64_t ow = lo; ow < hi; ++ow) gr[ow * g.SW + off] += wv * gl[ow];
-                }
-                if (mask[1]) {
-                  acc[ax.gw() + c * KK + tap] +=
-                      double(dot(hi - lo, gl + lo, xr + lo * g.SW + off, g.SW));
-                }
-                for (int64_t k = 0; mask[3] && k < D; ++k) {
-                  acc[ax.gdw(k) + c * KK + tap] +=
-                      double(dot(hi - lo, da[k] + lo, xr + lo * g.SW + off, g.SW));
-                }
+            for_row_taps(g, oh, xp, [&](int64_t tap, int64_t ih, const T* xo, int64_t lo,
+                                        int64_t hi) {
+              const int64_t off = xo - (xp + ih * g.W);
+              if (gxp) {
+                T* gr = gxp + ih * g.W + off;
+                const T wv = w[c * KK + tap];
+                for (int64_t ow = lo; ow < hi; ++ow) gr[ow * g.SW] += wv * gl[ow];
               }
-            }
+              if (mask[1])
+                acc[ax.gw() + c * KK + tap] += double(dot(hi - lo, gl + lo, xo + lo * g.SW, g.SW));
+              for (int64_t k = 0; mask[3] && k < D; ++k)
+                acc[ax.gdw(k) + c * KK + tap] +=
+                    double(dot(hi - lo, da[k] + lo, xo + lo * g.SW, g.SW));
+            });
           }
         }
         continue;
