@@ -18,6 +18,7 @@ _LAZY = {
     "models": ("pbp_fast.models", None),
     "data": ("pbp_fast.data", None),
     "deploy": ("pbp_fast.deploy", None),
+    "distributed": ("pbp_fast.distributed", None),
 }
 
 

@@ -15,7 +15,7 @@ except one candidate per unit, trained by the correlation objective) and ``done`
                           dendrite with alpha = 0.
 
 Every transition returns ``Decision.restructured = True``: rebuild the optimizer (over
-``pb.parameters()``) and the scheduler.
+``pb.parameters()``) and the scheduler (and, under DDP, call ``pbp_fast.distributed.wrap`` again).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from torch import nn
 
+from pbp_fast import distributed
 from pbp_fast.conversion import count_parameters
 from pbp_fast.history import History
 from pbp_fast.nn import DendriticUnit
@@ -164,6 +165,7 @@ class PerforatedBackprop:
             raise ValueError(f"score must be finite, got {score}")
         if self.state is State.DONE:
             raise RuntimeError("add_validation_score: training is done (decision.done was True)")
+        self._check_ranks_agree(score)
         self.epoch += 1
         self.phase_epoch += 1
         phase = self.state
@@ -197,6 +199,21 @@ class PerforatedBackprop:
                         restructured=bool(event), done=self.state is State.DONE,
                         restored=restored, improved=improved, event=event,
                         num_dendrites=self.num_dendrites, epoch=self.epoch)
+
+    def _check_ranks_agree(self, score):
+        """Under pbp_fast.distributed.wrap every rank must take the same decision: check (one
+        small collective per epoch) that the ranks passed the same score and hold the same
+        candidate scores."""
+        sync = next((u.candidate_sync for u in self.units.values()
+                     if u.candidate_sync is not None), None)
+        if sync is None:
+            return
+        values = [score] + [float(u.candidate_best_score) for u in self.units.values()
+                            if u.has_candidate]
+        distributed.check_agree(values, "the score given to add_validation_score (all-reduce "
+                                "the validation metrics first, e.g. with "
+                                "pbp_fast.distributed.all_reduce_sum) or the candidate scores",
+                                sync.group)
 
     def _better(self, score, ref):
         if ref is None:

@@ -20,6 +20,10 @@ so the user's optimizer trains the candidate.  Score = sum_c |C_c|; the candidat
 snapshotted whenever the score beats the best by more than ``snapshot_threshold`` (relative).
 Everything in the hook is tensor ops on the device (no host synchronisation).
 
+Under ``torch.distributed`` (:func:`pbp_fast.distributed.wrap` sets ``unit.candidate_sync``) the
+hook hands its per-batch sums and gradients to that object instead, which all-reduces those of
+every unit once per backward pass and then applies the same update on every rank.
+
 A Linear layer is a 1x1 conv on (M, Cin, 1, 1) with M = all leading dimensions.
 """
 from __future__ import annotations
@@ -97,6 +101,7 @@ class DendriticUnit(nn.Module):
             self.register_parameter(name, None)
         for name in _CANDIDATE_BUFFERS:
             self.register_buffer(name, None)
+        self.candidate_sync = None  # set by pbp_fast.distributed.wrap under torch.distributed
 
     # -- subclass hooks ------------------------------------------------------------------------
     def _main(self, x):  # z = BN(conv(x)) with the original modules
@@ -209,6 +214,11 @@ class DendriticUnit(nn.Module):
     def _watch(self, x, y, s):
         """Make y require grad (so that backward reaches this unit even when every parameter is
         frozen) and hook the candidate pass onto its gradient."""
+        if self.candidate_sync is None and _world_size() > 1:
+            raise RuntimeError(
+                "this process is one of several torch.distributed ranks, but the model was not "
+                "prepared with pbp_fast.distributed.wrap(model): the candidates' statistics and "
+                "gradients would differ between ranks")
         if not y.requires_grad:  # a non-leaf, so that in-place ops after the unit still work
             y = y.detach().requires_grad_().clone()
         y.register_hook(functools.partial(self._candidate_step, x.detach(), s))
@@ -217,9 +227,16 @@ class DendriticUnit(nn.Module):
     @torch.no_grad()
     def _candidate_step(self, x, s, e):
         dt = x.dtype
+        sync = self.candidate_sync
         corr = reference.correlation(self.candidate_stats)
         sign = torch.where(corr >= 0, 1.0, -1.0).to(dt)
         mean_e = self.candidate_stats[1].to(dt)
+        if sync is not None:
+            # Under DDP the objective is the mean of the ranks' losses, so the unit's error is
+            # e / w (w ranks).  Rather than scale e, scale what the pass combines it with:
+            # sign * (e / w - mean_e) = (sign / w) * (e - w * mean_e).
+            w = sync.world_size
+            sign, mean_e = sign / w, mean_e * w
         fmt = torch.channels_last if ops.is_channels_last(x) else torch.contiguous_format
         e = e.to(dt).contiguous(memory_format=fmt)
         d = self.num_dendrites
@@ -228,18 +245,31 @@ class DendriticUnit(nn.Module):
             x, _as(self.candidate_weight, dt), _as(self.candidate_bias, dt), cascade,
             s if d else None, e, mean_e, sign, **self._conv_kw, backend=self.backend)
         n = e.numel() // e.shape[1]
+        if sync is None:
+            self._update_candidate(stats, n, gw, gb, gc)
+        else:  # rows (v, e, v e, e e) of the pass's sums, for the error e / w
+            stats[1:3] /= sync.world_size
+            stats[3] /= sync.world_size ** 2
+            sync.add(self, stats, n, (gw, gb, gc))
+
+    @torch.no_grad()
+    def _update_candidate(self, stats, n, gw, gb, gc):
+        """Fold one batch's sums ``stats`` over ``n`` positions (an int or a 0-dim tensor) into
+        the running statistics, accumulate the candidate's gradients and take a snapshot when
+        the score improved.  Tensor ops only (no host synchronisation)."""
         new = reference.update_running_stats(
             self.candidate_stats, self.candidate_count, self.candidate_batches, stats, n,
             self.warmup_batches, self.stats_momentum)
-        # a non-finite batch (e.g. an overflowing mixed-precision step) leaves the state as it was
-        finite = torch.isfinite(stats).all()
+        # a non-finite batch (e.g. an overflowing mixed-precision step) or an empty one leaves
+        # the state as it was
+        ok = torch.isfinite(stats).all() & (n > 0)
         for buf, value in zip((self.candidate_stats, self.candidate_count,
                                self.candidate_batches), new):
-            buf.copy_(torch.where(finite, value, buf))
+            buf.copy_(torch.where(ok, value, buf))
         mean, batches = self.candidate_stats, self.candidate_batches
         _accumulate_grad(self.candidate_weight, gw)
         _accumulate_grad(self.candidate_bias, gb)
-        if d:
+        if self.num_dendrites:
             _accumulate_grad(self.candidate_cascade, gc)
         score = reference.correlation(mean).abs().sum()
         better = (batches >= self.warmup_batches) & (
@@ -274,7 +304,10 @@ class DendriticUnit(nn.Module):
                 _as(self.dendrite_cascade, dt))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cand = self.has_candidate and self.training and torch.is_grad_enabled()
+        training = self.training and torch.is_grad_enabled()
+        if training and self.candidate_sync is not None:
+            self.candidate_sync.check(self)
+        cand = self.has_candidate and training
         if (self.fold_bn and not self.training and self.bn is not None
                 and self.bn.running_var is not None and not cand):
             return self._folded_forward(x)
@@ -323,6 +356,11 @@ class DendriticUnit(nn.Module):
             self.drop_candidate()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _pair(v):
