@@ -5,12 +5,21 @@ from torch import nn
 
 from pbp_fast import models
 
-NAMES = sorted(models.MODELS)
+NAMES = ["mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small"]   # the torchvision ones
 
 # torchvision's ImageNet models (1000 classes): strides do not change parameter counts, so the
 # CIFAR variants must match these numbers exactly.
 TORCHVISION_PARAMS = {"mobilenet_v2": 3_504_872, "mobilenet_v3_small": 2_542_856,
                       "mobilenet_v3_large": 5_483_032}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models run fastest on one thread, and a busy machine does not stall them."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def n_params(model):
@@ -40,6 +49,21 @@ def test_cifar_strides_leave_a_4x4_map(name):
     with torch.no_grad():
         assert model.features(torch.zeros(1, 3, 32, 32)).shape[-2:] == (4, 4)
         assert model.features(torch.zeros(1, 3, 16, 16)).shape[-2:] == (2, 2)
+
+
+def test_registry():
+    assert sorted(models.MODELS) == sorted(NAMES + ["mobilenet_tiny"])
+
+
+def test_tiny_model():
+    model = models.mobilenet_tiny(width_mult=0.25, in_channels=1).eval()
+    assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+    with torch.no_grad():
+        assert model.features(torch.zeros(1, 1, 16, 16)).shape[-2:] == (4, 4)
+    assert n_params(model) == 1450
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert bn.momentum == 0.1
+    assert sum(isinstance(m, models.InvertedResidualV3) for m in model.modules()) == 3
 
 
 def test_grayscale_input():

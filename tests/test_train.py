@@ -38,6 +38,15 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models train fastest on one thread, and a busy machine does not stall it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------------------ configuration
 
 @pytest.mark.parametrize("kwargs, word", [({"epochs": 0}, "epochs"), ({"model": "vgg"}, "model"),
@@ -81,6 +90,10 @@ def test_warmup_cosine_schedule_and_weight_decay_groups():
     assert all(a < b for a, b in zip(lrs[:20], lrs[1:21]))          # warmup rises
     assert all(a >= b for a, b in zip(lrs[20:], lrs[21:]))          # cosine falls
     assert opt.param_groups[0]["lr"] == pytest.approx(0.001)
+    # A rebuilt optimizer joins the schedule where the run is (global PB schedule).
+    opt2 = build_optimizer(model.parameters(), cfg)
+    build_scheduler(opt2, cfg, steps_per_epoch=10, epochs=10, start_epoch=3)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(lrs[30])
 
 
 def test_format_table():
@@ -142,6 +155,23 @@ def test_pb_run_resumes_exactly(tmp_path):
     events = [r["event"] for r in _rows(full / "metrics.csv")]
     assert "add_dendrites" in events
     assert (full / "pb_history.csv").exists() and (full / "pb_history.png").exists()
+
+
+@pytest.mark.parametrize("schedule", ["global", "phase"])
+def test_pb_learning_rate_schedules(tmp_path, schedule):
+    """global: neuron phases keep the baseline's learning rates; phase: each phase restarts the
+    warmup.  Dendrite phases always start their own schedule."""
+    base, pb = tmp_path / "base", tmp_path / "pb"
+    common = [*FAST, "--epochs", "3", "--lr-warmup-epochs", "1"]
+    assert cli.main(["train", *common, "--output-dir", str(base)]) == 0
+    assert cli.main(["train", *common, *PB, "--pb-schedule", schedule,
+                     "--output-dir", str(pb)]) == 0
+    lr_base = [float(r["lr"]) for r in _rows(base / "metrics.csv")]
+    rows = _rows(pb / "metrics.csv")
+    assert [r["phase"] for r in rows] == ["neuron", "dendrite", "neuron"]
+    lr_pb = [float(r["lr"]) for r in rows]
+    assert lr_pb[0] == lr_base[0] and lr_pb[1] == lr_base[0]       # fresh schedules start low
+    assert lr_pb[2] == pytest.approx(lr_base[2] if schedule == "global" else lr_base[0])
 
 
 def test_resume_refuses_a_different_dendrites_setting(tmp_path):
