@@ -403,7 +403,6 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
 
 
-_epoch_seed = epoch_seed  # former private name
 
 
 class BatchLoader:

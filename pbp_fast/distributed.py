@@ -331,12 +331,12 @@ class ShardedLoader:
         return -(-len(range(self.rank, n, w)) // b)
 
     def __iter__(self):
-        from pbp_fast.data import _epoch_seed  # the single-process loader's order
+        from pbp_fast.data import epoch_seed  # the single-process loader's order
 
         ld, ds = self.loader, self.dataset
         b, w, r = ld.batch_size, self.world_size, self.rank
         order_gen = torch.Generator(device=ds.device)
-        order_gen.manual_seed(_epoch_seed(ld.seed, ld.epoch))
+        order_gen.manual_seed(epoch_seed(ld.seed, ld.epoch))
         n = len(ds)
         order = (torch.randperm(n, generator=order_gen, device=ds.device) if ld.shuffle
                  else torch.arange(n, device=ds.device))

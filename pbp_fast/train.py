@@ -51,6 +51,7 @@ from torch import nn
 
 from pbp_fast import augment as aug
 from pbp_fast import data as data_mod
+from pbp_fast import distributed
 from pbp_fast import models
 
 __all__ = ["TrainConfig", "TrainResult", "EpochRecord", "train", "add_train_arguments",
@@ -284,6 +285,7 @@ def evaluate(model: nn.Module, loader: data_mod.BatchLoader, amp: bool = False):
             logits = model(x)
         loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
         correct += (logits.argmax(1) == y).sum()
+    loss, correct = distributed.all_reduce_sum(loss, correct)  # each rank evaluated its share
     n = len(loader.dataset)
     return float(loss) / n, 100.0 * int(correct) / n
 
@@ -370,6 +372,8 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def _save(obj, path: Path) -> None:
+    if not distributed.is_main():
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -389,7 +393,7 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, out: Path):
         self.cfg, self.out = cfg, out
-        self.device = resolve_device(cfg.device)
+        self.device = distributed.init(resolve_device(cfg.device))  # torchrun: cuda:LOCAL_RANK
         torch.manual_seed(cfg.seed)
         splits = load_data(cfg)
         self.splits = data_mod.DataSplits(*(s.to(self.device) for s in
@@ -400,11 +404,13 @@ class _Run:
         transform = aug.TrainTransform(cfg.random_crop_padding, cfg.hflip, cfg.auto_augment,
                                        cfg.ra_magnitude, cfg.ra_num_ops)
         kw = dict(channels_last=cfg.channels_last)
-        self.train_loader = data_mod.BatchLoader(
+        self.train_loader = distributed.shard(data_mod.BatchLoader(
             train_set, min(cfg.batch_size, len(train_set)), shuffle=True, drop_last=True,
-            transform=transform, seed=cfg.seed, **kw)
-        self.val_loader = data_mod.BatchLoader(self.splits.val, cfg.eval_batch_size, **kw)
-        self.test_loader = data_mod.BatchLoader(self.splits.test, cfg.eval_batch_size, **kw)
+            transform=transform, seed=cfg.seed, **kw))
+        self.val_loader = distributed.shard(
+            data_mod.BatchLoader(self.splits.val, cfg.eval_batch_size, **kw))
+        self.test_loader = distributed.shard(
+            data_mod.BatchLoader(self.splits.test, cfg.eval_batch_size, **kw))
 
         self.model = build_model(cfg, self.num_classes, c).to(self.device)
         if cfg.channels_last:
@@ -414,13 +420,19 @@ class _Run:
             import pbp_fast
             pbp_fast.convert(self.model)
             self.pb = pbp_fast.PerforatedBackprop(self.model, **cfg.pb_config())
-        self.net = torch.compile(self.model) if cfg.compile else self.model
+        self._wrap()
         self.epoch = 0              # epochs completed
         self.phase_start = 0        # epoch at which the current phase (and schedule) began
         self.best_acc, self.best_epoch = -1.0, 0
         self.best_state = None      # baseline: the best model's weights (PB: the controller's)
         self.done = False
         self._build_optimizer()
+
+    def _wrap(self) -> None:
+        """The module the loop calls: under torchrun DDP (neuron phase) or the model with its
+        candidates synchronised (dendrite phase); again after every restructure and resume."""
+        net = distributed.wrap(self.model)
+        self.net = torch.compile(net) if self.cfg.compile else net
 
     # -- optimizer / schedule per phase ----------------------------------------------------
     @property
@@ -472,6 +484,7 @@ class _Run:
         self.model.load_state_dict(ckpt["model"])      # rebuilds dendrites and candidates
         if self.pb is not None:
             self.pb.load_state_dict(ckpt["pb"])        # sets requires_grad for the phase
+        self._wrap()
         self.epoch = ckpt["epoch"]
         loop = ckpt["loop"]
         self.phase_start, self.best_acc, self.best_epoch = (loop["phase_start"], loop["best_acc"],
@@ -495,7 +508,7 @@ class _Run:
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         bar = ProgressBar(len(self.train_loader), f"epoch {self.epoch + 1}/{cfg.epochs}",
-                          cfg.progress)
+                          cfg.progress and distributed.is_main())
         for i, (x, y) in enumerate(self.train_loader):
             if mixing:
                 x, target = aug.mixup_cutmix(x, y, self.num_classes, mixup_alpha=cfg.mixup_alpha,
@@ -516,6 +529,8 @@ class _Run:
             if bar.enabled and (i % 10 == 0 or i == len(self.train_loader) - 1):
                 bar.update(i + 1, loss=f"{float(loss):.3f}")
         bar.close()
+        total_loss, correct = distributed.all_reduce_sum(total_loss, correct)
+        seen *= distributed.world_size()
         return float(total_loss) / seen, 100.0 * int(correct) / seen, lr
 
     def step(self) -> EpochRecord:
@@ -523,6 +538,7 @@ class _Run:
         t0 = time.perf_counter()
         phase = self.phase
         train_loss, train_acc, lr = self.train_one_epoch()
+        distributed.broadcast_buffers(self.model)  # every rank evaluates rank 0's BN statistics
         val_loss, val_acc = evaluate(self.net, self.val_loader, self.cfg.amp)
         params, _, num_d = _count(self.model)
         event = ""
@@ -545,6 +561,7 @@ class _Run:
             self.save_best(state)
         if self.pb is not None and decision.restructured and not decision.done:
             self.phase_start = self.epoch
+            self._wrap()
             self._build_optimizer()
         record = EpochRecord(self.epoch, phase, lr, train_loss, train_acc, val_loss, val_acc,
                              params, num_d, event, time.perf_counter() - t0)
@@ -609,11 +626,15 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None,
     out.mkdir(parents=True, exist_ok=True)
 
     run = _Run(cfg, out)
+    main = distributed.is_main()
+    if not main:
+        log = lambda s: None  # noqa: E731
     if resume is not None:
         run.resume(resume)
         log(f"resumed {resume} at epoch {run.epoch} (phase {run.phase})")
-    with open(out / "args.json", "w") as f:
-        json.dump(asdict(cfg), f, indent=2)
+    if main:
+        with open(out / "args.json", "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
     records = _read_csv(out / "metrics.csv", run.epoch) if resume else []
     params, _, _ = _count(run.model)
     log(f"{cfg.model} (width {cfg.width_mult:g}): {params:,} parameters; data {cfg.data}: "
@@ -624,10 +645,11 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None,
     while run.epoch < cfg.epochs and not run.done:
         rec = run.step()
         records.append(rec)
-        _write_csv(out / "metrics.csv", records)
         _save(run.checkpoint(), out / "last.pt")
-        if run.pb is not None:
-            run.pb.history.to_csv(out / "pb_history.csv")
+        if main:
+            _write_csv(out / "metrics.csv", records)
+            if run.pb is not None:
+                run.pb.history.to_csv(out / "pb_history.csv")
         log(f"epoch {rec.epoch:3d}/{cfg.epochs} {rec.phase:8s} lr {rec.lr:.4g} "
             f"train loss {rec.train_loss:.4f} acc {rec.train_acc:6.2f} | val loss "
             f"{rec.val_loss:.4f} acc {rec.val_acc:6.2f} | {rec.params:,} params"
@@ -643,15 +665,16 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None,
     _, val_acc = evaluate(run.net, run.val_loader, cfg.amp)
     _, test_acc = evaluate(run.net, run.test_loader, cfg.amp)
     params, params_d, num_d = _count(run.model)
-    if run.pb is not None:
+    if run.pb is not None and main:
         run.pb.history.to_csv(out / "pb_history.csv")
         _try_plot(run.pb.history, out / "pb_history.png",
                   f"{cfg.model} (width {cfg.width_mult:g}) with PB", log)
     result = TrainResult(cfg.model, cfg.dendrites, params, params_d, num_d, run.best_epoch,
                          val_acc, test_acc, run.epoch, seconds, str(out),
                          [asdict(r) for r in records])
-    with open(out / "results.json", "w") as f:
-        json.dump(result.summary(), f, indent=2)
+    if main:
+        with open(out / "results.json", "w") as f:
+            json.dump(result.summary(), f, indent=2)
     return result
 
 
@@ -798,6 +821,10 @@ def run_cli(args: argparse.Namespace) -> int:
         result = train(cfg)
     except FileNotFoundError as exc:
         sys.exit(f"pbp-fast train: error: {exc}")
+    main = distributed.is_main()
+    distributed.shutdown()  # the command owns the process group that train() joined
+    if not main:
+        return 0
     row = result.summary()
     row["name"] = f"{cfg.model} x{cfg.width_mult:g}{' + PB' if cfg.dendrites else ''}"
     print(format_table([row], RESULT_COLUMNS))
