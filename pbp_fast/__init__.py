@@ -18,6 +18,8 @@ _LAZY = {
     "models": ("pbp_fast.models", None),
     "data": ("pbp_fast.data", None),
     "deploy": ("pbp_fast.deploy", None),
+    "quantize": ("pbp_fast.quantize", None),
+    "distill": ("pbp_fast.distill", None),
     "distributed": ("pbp_fast.distributed", None),
 }
 

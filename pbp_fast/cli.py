@@ -25,7 +25,12 @@ def train_command(subparsers) -> None:
     p.set_defaults(run=train.run_cli)
 
 
-COMMANDS = [demo_command, train_command]
+def export_command(subparsers) -> None:
+    from pbp_fast import export
+    export.add_parser(subparsers)
+
+
+COMMANDS = [demo_command, train_command, export_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

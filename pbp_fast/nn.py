@@ -221,11 +221,15 @@ class DendriticUnit(nn.Module):
                 "gradients would differ between ranks")
         if not y.requires_grad:  # a non-leaf, so that in-place ops after the unit still work
             y = y.detach().requires_grad_().clone()
+        elif y._is_view():  # (a Linear's reshaped output) an in-place op would rebase the view
+            y = y.clone()
         y.register_hook(functools.partial(self._candidate_step, x.detach(), s))
         return y
 
     @torch.no_grad()
     def _candidate_step(self, x, s, e):
+        if e.dim() != 4:  # a Linear's (..., Cout) error as (M, Cout, 1, 1)
+            e = e.reshape(-1, e.shape[-1], 1, 1)
         dt = x.dtype
         sync = self.candidate_sync
         corr = reference.correlation(self.candidate_stats)
@@ -323,9 +327,9 @@ class DendriticUnit(nn.Module):
                 save_s=cand, backend=self.backend)
         else:
             y4, s = z4, None
-        if cand:
-            y4 = self._watch(x4, y4, s)
-        return self._from_4d(y4, z)
+        y = self._from_4d(y4, z)
+        # the hook goes on the tensor handed on, so in-place ops after the unit keep it
+        return self._watch(x4, y, s) if cand else y
 
     def _folded_forward(self, x):
         w, b = self.folded_weight_bias()

@@ -51,7 +51,7 @@ from torch import nn
 
 from pbp_fast import augment as aug
 from pbp_fast import data as data_mod
-from pbp_fast import distributed
+from pbp_fast import distill, distributed
 from pbp_fast import models
 
 __all__ = ["TrainConfig", "TrainResult", "EpochRecord", "train", "add_train_arguments",
@@ -118,6 +118,10 @@ class TrainConfig:
     pb_improvement_threshold: float = 1e-4
     pb_schedule: str = "global"     # neuron phases: one schedule over the run, or "phase"
     pb_lr: float | None = None      # learning rate in dendrite phases (default: lr)
+    # knowledge distillation (pbp_fast.distill)
+    teacher: str | None = None      # checkpoint of a trained model to distill from
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.9
     # run
     seed: int = 0
     output_dir: str | None = None
@@ -179,6 +183,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not is_num(v) or not 0 <= v < hi or (name == "lr_warmup_decay" and v == 0):
                 bad(name, f"a number in {'(0' if name == 'lr_warmup_decay' else '[0'}, {hi})")
+        distill.check_distill_args(self.teacher, self.kd_temperature, self.kd_alpha)
         if not is_num(self.hflip) or not 0 <= self.hflip <= 1:
             bad("hflip", "a probability in [0, 1]")
         if self.lr_min >= self.lr:
@@ -420,6 +425,7 @@ class _Run:
             import pbp_fast
             pbp_fast.convert(self.model)
             self.pb = pbp_fast.PerforatedBackprop(self.model, **cfg.pb_config())
+        self.distiller = distill.distiller_from_config(cfg, self.device)
         self._wrap()
         self.epoch = 0              # epochs completed
         self.phase_start = 0        # epoch at which the current phase (and schedule) began
@@ -517,8 +523,11 @@ class _Run:
                                              generator=mix_gen)
             with _autocast(device, cfg.amp):
                 logits = self.net(x)
-            loss = (_soft_cross_entropy(logits, target) if mixing else
-                    F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing))
+            if self.distiller is not None:
+                loss = self.distiller.loss(x, logits, target if mixing else y)
+            else:
+                loss = (_soft_cross_entropy(logits, target) if mixing else
+                        F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -799,7 +808,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add(g, "--resume", "resume", "continue from a last.pt checkpoint (or its folder)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no per-batch progress bar")
-
+    distill.add_distill_args(parser)
 
 def _int_or_none(text: str):
     return None if text.lower() == "none" else int(text)

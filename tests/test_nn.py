@@ -368,3 +368,23 @@ def test_dendrite_phase_with_frozen_input_and_inplace_activation():
     for unit in (first, second):
         assert unit.candidate_weight.grad.abs().sum() > 0
         assert float(unit.candidate_batches) == 1
+
+
+def test_linear_candidate_trains_behind_an_inplace_activation():
+    """The hook sits on the tensor the unit returns, so an in-place op on a Linear's (..., Cout)
+    output does not cut it off (MobileNetV3's classifier: Linear -> Hardswish(inplace))."""
+    torch.manual_seed(5)
+    first = DendriticLinear(nn.Linear(6, 5))
+    second = DendriticLinear(nn.Linear(5, 3))
+    model = nn.Sequential(first, nn.Hardswish(inplace=True), second, nn.ReLU(inplace=True))
+    for unit in (first, second):
+        unit.start_candidate()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for unit in (first, second):
+        for p in unit.candidate_parameters():
+            p.requires_grad_(True)
+    model(torch.randn(4, 2, 6)).square().mean().backward()
+    for unit in (first, second):
+        assert unit.candidate_weight.grad is not None and unit.candidate_weight.grad.abs().sum() > 0
+        assert float(unit.candidate_batches) == 1
