@@ -15,13 +15,7 @@ REAL = Path(__file__).resolve().parents[2] / "shared" / "data"
 CLASSES = [f"class{i}" for i in range(10)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread, and a busy machine does not stall it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _smooth_images(n, seed):

@@ -28,12 +28,7 @@ CONFIG = dict(maximize=False, switch_mode="fixed", n_epochs=2, p_epochs=2, max_d
 CKPT_A, CKPT_B = 3, 7   # epochs after which the 2 ranks (A) and the 1 process (B) checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(n, seed):

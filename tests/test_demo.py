@@ -7,13 +7,7 @@ import torch
 from pbp_fast import cli, demo
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread, and a busy machine does not stall it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_quick_demo_end_to_end(tmp_path, capsys):

@@ -12,13 +12,7 @@ import pbp_fast as pbp
 from pbp_fast import reference
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: threads only add contention (and the results do not depend on it)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class DSBlock(nn.Module):
