@@ -178,7 +178,7 @@ std::vector<at::Tensor> member_weights(const at::Tensor& weight, const at::Tenso
 
 // ---------------------------------------------------------------- pointwise, forward
 // 1x1 convs (stride 1, no padding, groups 1): one GEMM for all members per tile into a
-// cache-sized buffer (per sample in NCHW; per 128 pixels in NHWC or when Ho*Wo == 1, e.g. a
+// cache-sized buffer (per sample in NCHW; per 256 pixels in NHWC or when Ho*Wo == 1, e.g. a
 // Linear), then the epilogue from that buffer: the stacked conv output never reaches memory.
 inline bool is_pointwise(const Geom& g) {
   return g.KH == 1 && g.KW == 1 && g.SH == 1 && g.SW == 1 && g.PH == 0 && g.PW == 0 &&
@@ -215,7 +215,7 @@ void pw_fwd(const Geom& g, const at::Tensor& x, const at::Tensor& w_all, const a
     });
     return;
   }
-  const int64_t rows = g.N * HW, P = 128;
+  const int64_t rows = g.N * HW, P = 256;
   const auto x2 = x.permute({0, 2, 3, 1}).reshape({rows, g.Cin});
   const auto wt = w_all.t();
   at::parallel_for(0, (rows + P - 1) / P, 1, [&](int64_t t0, int64_t t1) {
@@ -347,7 +347,7 @@ void dw_bwd(const Geom& g, const T* gy, const T* x, const T* w /* main taps or n
   const bool cl = g.channels_last;
   out = chunked_sum(g.N, ax.size(), [&](int64_t n0, int64_t n1, double* acc) {
     const int64_t L = cl ? C : g.Wo;
-    std::vector<T> dabuf(D * L);
+    std::vector<T> dabuf(D * L), taps(cl ? (1 + D) * KK * C : 0);  // taps: NHWC row sums
     std::vector<T*> da(D);
     std::vector<const T*> sl(D);
     for (int64_t k = 0; k < D; ++k) da[k] = dabuf.data() + k * L;
@@ -383,6 +383,7 @@ void dw_bwd(const Geom& g, const T* gy, const T* x, const T* w /* main taps or n
       }
       if (gx) std::fill(gx + n * g.H * g.W * C, gx + (n + 1) * g.H * g.W * C, T(0));
       for (int64_t oh = 0; oh < g.Ho; ++oh) {
+        std::fill(taps.begin(), taps.end(), T(0));
         for (int64_t ow = 0; ow < g.Wo; ++ow) {
           const int64_t pix = oh * g.Wo + ow;
           const T* gl = gy + (n * g.HW() + pix) * C;
@@ -403,17 +404,19 @@ void dw_bwd(const Geom& g, const T* gy, const T* x, const T* w /* main taps or n
                 for (int64_t c = 0; c < C; ++c) gv[c] += wv[c] * gl[c];
               }
               if (mask[1]) {
-                double* a = acc + ax.gw() + tap * C;
-                for (int64_t c = 0; c < C; ++c) a[c] += double(gl[c] * xv[c]);
+                T* a = taps.data() + tap * C;
+                for (int64_t c = 0; c < C; ++c) a[c] += gl[c] * xv[c];
               }
               for (int64_t k = 0; mask[3] && k < D; ++k) {
-                double* a = acc + ax.gdw(k) + tap * C;
+                T* a = taps.data() + ((1 + k) * KK + tap) * C;
                 const T* dk = da[k];
-                for (int64_t c = 0; c < C; ++c) a[c] += double(dk[c] * xv[c]);
+                for (int64_t c = 0; c < C; ++c) a[c] += dk[c] * xv[c];
               }
             }
           }
         }
+        // the row's kernel-gradient partial sums (in T) go to the float64 accumulator
+        for (int64_t i = 0; i < (1 + D) * KK * C; ++i) acc[ax.gw() + i] += double(taps[i]);
       }
     }
   });
