@@ -95,32 +95,20 @@ std::vector<double> dw_candidate(const Geom& g, const Args<T>& p) {
       for (int64_t oh = 0; oh < g.Ho; ++oh) {
         for (int64_t ow = 0; ow < g.Wo; ++ow) {
           if (p.b) std::copy(p.b, p.b + C, a.begin()); else std::fill(a.begin(), a.end(), T(0));
-          for (int64_t i = 0; i < g.KH; ++i) {
-            const int64_t ih = oh * g.SH - g.PH + i * g.DH;
-            if (ih < 0 || ih >= g.H) continue;
-            for (int64_t j = 0; j < g.KW; ++j) {
-              const int64_t iw = ow * g.SW - g.PW + j * g.DW;
-              if (iw < 0 || iw >= g.W) continue;
-              const T* xv = p.x + ((n * g.H + ih) * g.W + iw) * C;
-              const T* wv = p.w + (i * g.KW + j) * C;
-              for (int64_t c = 0; c < C; ++c) a[c] += wv[c] * xv[c];
-            }
-          }
+          for_pixel_taps(g, n, oh, ow, [&](int64_t tap, int64_t xo) {
+            const T* xv = p.x + xo;
+            const T* wv = p.w + tap * C;
+            for (int64_t c = 0; c < C; ++c) a[c] += wv[c] * xv[c];
+          });
           const int64_t o = (n * HW + oh * g.Wo + ow) * C;
           for (int64_t k = 0; k < D; ++k) sl[k] = p.s[k] + o;
           cand_line<true>(C, D, C, a.data(), sl.data(), p.casc, p.e + o, p.mean_e, p.sign,
                           p.inv_n, acc, ix);
-          for (int64_t i = 0; i < g.KH; ++i) {
-            const int64_t ih = oh * g.SH - g.PH + i * g.DH;
-            if (ih < 0 || ih >= g.H) continue;
-            for (int64_t j = 0; j < g.KW; ++j) {
-              const int64_t iw = ow * g.SW - g.PW + j * g.DW;
-              if (iw < 0 || iw >= g.W) continue;
-              const T* xv = p.x + ((n * g.H + ih) * g.W + iw) * C;
-              double* t = acc + ix.taps() + (i * g.KW + j) * C;
-              for (int64_t c = 0; c < C; ++c) t[c] += double(a[c] * xv[c]);
-            }
-          }
+          for_pixel_taps(g, n, oh, ow, [&](int64_t tap, int64_t xo) {
+            const T* xv = p.x + xo;
+            double* t = acc + ix.taps() + tap * C;
+            for (int64_t c = 0; c < C; ++c) t[c] += double(a[c] * xv[c]);
+          });
         }
       }
     }

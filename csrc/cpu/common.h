@@ -219,6 +219,21 @@ PBP_INLINE void for_row_taps(const Geom& g, int64_t oh, const T* plane, const F&
   }
 }
 
+// NHWC depthwise, one output pixel (n, oh, ow): calls f(tap, xo) for every kernel tap whose
+// input pixel lies inside the image; xo is the offset of that pixel's channel row in x.
+template <typename F>
+PBP_INLINE void for_pixel_taps(const Geom& g, int64_t n, int64_t oh, int64_t ow, const F& f) {
+  for (int64_t i = 0; i < g.KH; ++i) {
+    const int64_t ih = oh * g.SH - g.PH + i * g.DH;
+    if (ih < 0 || ih >= g.H) continue;
+    for (int64_t j = 0; j < g.KW; ++j) {
+      const int64_t iw = ow * g.SW - g.PW + j * g.DW;
+      if (iw < 0 || iw >= g.W) continue;
+      f(i * g.KW + j, ((n * g.H + ih) * g.W + iw) * g.Cin);
+    }
+  }
+}
+
 // row[ow] = bias + sum over taps of w[tap] * x[...]: one output row of an NCHW depthwise conv.
 template <typename T>
 PBP_INLINE void dw_row(const Geom& g, int64_t oh, const T* plane, const T* w, T bias, T* row) {

@@ -72,16 +72,10 @@ void dw_fwd(const Geom& g, const T* x, const std::vector<const T*>& w,
       const int64_t n = r / g.Ho, oh = r % g.Ho;
       for (int64_t ow = 0; ow < g.Wo; ++ow) {
         int64_t nt = 0;
-        for (int64_t i = 0; i < g.KH; ++i) {
-          const int64_t ih = oh * g.SH - g.PH + i * g.DH;
-          if (ih < 0 || ih >= g.H) continue;
-          for (int64_t j = 0; j < g.KW; ++j) {
-            const int64_t iw = ow * g.SW - g.PW + j * g.DW;
-            if (iw < 0 || iw >= g.W) continue;
-            xoff[nt] = ((n * g.H + ih) * g.W + iw) * C;
-            woff[nt++] = (i * g.KW + j) * C;
-          }
-        }
+        for_pixel_taps(g, n, oh, ow, [&](int64_t tap, int64_t xo) {
+          xoff[nt] = xo;
+          woff[nt++] = tap * C;
+        });
         for (int64_t m = 0; m < M; ++m) {
           T* row = acc.data() + m * C;
           const T* wm = w[m];
@@ -390,30 +384,23 @@ void dw_bwd(const Geom& g, const T* gy, const T* x, const T* w /* main taps or n
           for (int64_t k = 0; k < D; ++k) sl[k] = s[k].at(n, 0, pix);
           bwd_line<true>(C, D, C, gl, sl.data(), alpha, casc, mask[2], mask[5], need_da,
                          da.data(), acc, ax.ix);
-          for (int64_t i = 0; i < g.KH; ++i) {
-            const int64_t ih = oh * g.SH - g.PH + i * g.DH;
-            if (ih < 0 || ih >= g.H) continue;
-            for (int64_t j = 0; j < g.KW; ++j) {
-              const int64_t iw = ow * g.SW - g.PW + j * g.DW;
-              if (iw < 0 || iw >= g.W) continue;
-              const int64_t tap = i * g.KW + j, xo = ((n * g.H + ih) * g.W + iw) * C;
-              const T* xv = x + xo;
-              if (gx) {
-                T* gv = gx + xo;
-                const T* wv = w + tap * C;
-                for (int64_t c = 0; c < C; ++c) gv[c] += wv[c] * gl[c];
-              }
-              if (mask[1]) {
-                T* a = taps.data() + tap * C;
-                for (int64_t c = 0; c < C; ++c) a[c] += gl[c] * xv[c];
-              }
-              for (int64_t k = 0; mask[3] && k < D; ++k) {
-                T* a = taps.data() + ((1 + k) * KK + tap) * C;
-                const T* dk = da[k];
-                for (int64_t c = 0; c < C; ++c) a[c] += dk[c] * xv[c];
-              }
+          for_pixel_taps(g, n, oh, ow, [&](int64_t tap, int64_t xo) {
+            const T* xv = x + xo;
+            if (gx) {
+              T* gv = gx + xo;
+              const T* wv = w + tap * C;
+              for (int64_t c = 0; c < C; ++c) gv[c] += wv[c] * gl[c];
             }
-          }
+            if (mask[1]) {
+              T* a = taps.data() + tap * C;
+              for (int64_t c = 0; c < C; ++c) a[c] += gl[c] * xv[c];
+            }
+            for (int64_t k = 0; mask[3] && k < D; ++k) {
+              T* a = taps.data() + ((1 + k) * KK + tap) * C;
+              const T* dk = da[k];
+              for (int64_t c = 0; c < C; ++c) a[c] += dk[c] * xv[c];
+            }
+          });
         }
         // the row's kernel-gradient partial sums (in T) go to the float64 accumulator
         for (int64_t i = 0; i < (1 + D) * KK * C; ++i) acc[ax.gw() + i] += double(taps[i]);
