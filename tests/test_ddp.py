@@ -134,6 +134,7 @@ def _entry(rank, store, fn, args):
                             world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
         fn(rank, *args)
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 
