@@ -6,6 +6,8 @@ kernels/ (Triton) and csrc/cuda.  Everything here is shape logic and glue; the m
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -30,6 +32,7 @@ def backends() -> list[str]:
     return out
 
 
+@functools.cache  # asked on every op call: probe CUDA and the Triton import once
 def triton_available() -> bool:
     if not torch.cuda.is_available():
         return False

@@ -9,22 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import DSBlock
+
 import pbp_fast as pbp
 from pbp_fast.nn import DendriticConv2d, DendriticLinear
 
-
-class DSBlock(nn.Module):
-    """Residual depthwise-separable block: x + BN(pw(relu(BN(dw(x)))))."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.pw = nn.Conv2d(c, c, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return x + self.bn2(self.pw(F.relu(self.bn1(self.dw(x)))))
 
 
 class PreActBlock(nn.Module):

@@ -8,23 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import DSBlock
+
 import pbp_fast as pbp
 from pbp_fast import reference
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-class DSBlock(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.pw = nn.Conv2d(c, c, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return x + self.bn2(self.pw(F.relu(self.bn1(self.dw(x)))))
 
 
 def _conv_net(seed, c=6):
