@@ -59,6 +59,7 @@ __all__ = ["TrainConfig", "TrainResult", "EpochRecord", "train", "add_train_argu
            "format_table"]
 
 OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "constant")
 DATA_ENV = "PBP_FAST_DATA"
 _PB_FIELDS = ("switch_mode", "n_patience", "p_patience", "n_epochs", "p_epochs",
               "max_dendrites", "max_tries", "improvement_threshold")
@@ -89,6 +90,7 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-5
+    sched: str = "cosine"           # after the warmup: "cosine" decay to lr_min, or "constant"
     lr_warmup_epochs: int = 3
     lr_warmup_decay: float = 0.01   # the warmup starts at lr * lr_warmup_decay
     lr_min: float = 0.0
@@ -142,6 +144,8 @@ class TrainConfig:
             bad("model", f"one of {sorted(models.MODELS)}")
         if self.opt not in OPTIMIZERS:
             bad("opt", f"one of {OPTIMIZERS}")
+        if self.sched not in SCHEDULES:
+            bad("sched", f"one of {SCHEDULES}")
         if self.auto_augment not in aug.AUTO_AUGMENT:
             bad("auto_augment", f"one of {aug.AUTO_AUGMENT}")
         if self.pb_switch_mode not in ("fixed", "patience"):
@@ -259,12 +263,14 @@ def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int, epochs: i
                     start_epoch: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step schedule over ``epochs``: linear warmup from ``lr * lr_warmup_decay`` over
     ``lr_warmup_epochs`` (at most half of ``epochs``), then cosine decay to ``lr_min`` (relative
-    to the optimizer's lr).  ``start_epoch`` > 0 joins the schedule there (a rebuilt optimizer
-    continuing a run's schedule)."""
+    to the optimizer's lr), or with ``sched="constant"`` the peak rate to the end.
+    ``start_epoch`` > 0 joins the schedule there (a rebuilt optimizer continuing a run's
+    schedule)."""
     total = max(1, steps_per_epoch * epochs)
     warmup = min(steps_per_epoch * cfg.lr_warmup_epochs, total // 2)
+    floor = 1.0 if cfg.sched == "constant" else cfg.lr_min / cfg.lr
     fn = functools.partial(_warmup_cosine, warmup=warmup, total=total,
-                           start=cfg.lr_warmup_decay, floor=cfg.lr_min / cfg.lr)
+                           start=cfg.lr_warmup_decay, floor=floor)
     if start_epoch:
         fn = functools.partial(_shifted, offset=steps_per_epoch * start_epoch, fn=fn)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
@@ -751,6 +757,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add(g, "--momentum", "momentum", "SGD momentum", type=float)
     add(g, ("--wd", "--weight-decay"), "weight_decay", "weight decay (weights only; not "
         "biases, norms or dendrite scales)", type=float)
+    add(g, "--sched", "sched", "learning rate after the warmup: cosine decay to --lr-min, or "
+        "constant", choices=SCHEDULES)
     add(g, "--lr-warmup-epochs", "lr_warmup_epochs", "linear warmup epochs (of each phase with "
         "--dendrites), then cosine decay", type=int)
     add(g, "--lr-warmup-decay", "lr_warmup_decay", "the warmup starts at lr x this",

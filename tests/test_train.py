@@ -48,6 +48,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
                                           ({"label_smoothing": 1.0}, "label_smoothing"),
                                           ({"auto_augment": "aa"}, "auto_augment"),
                                           ({"hflip": 2.0}, "hflip"),
+                                          ({"sched": "step"}, "sched"),
                                           ({"dendrites": True, "pb_n_epochs": None},
                                            "pb_n_epochs"),
                                           ({"device": "tpu:x"}, "device")])
@@ -88,6 +89,20 @@ def test_warmup_cosine_schedule_and_weight_decay_groups():
     opt2 = build_optimizer(model.parameters(), cfg)
     build_scheduler(opt2, cfg, steps_per_epoch=10, epochs=10, start_epoch=3)
     assert opt2.param_groups[0]["lr"] == pytest.approx(lrs[30])
+
+
+def test_constant_schedule_keeps_the_peak_rate_after_the_warmup():
+    cfg = TrainConfig(data="digits", lr=0.1, sched="constant", lr_warmup_epochs=1,
+                      lr_warmup_decay=0.5)
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=cfg.lr)
+    sched = build_scheduler(opt, cfg, steps_per_epoch=4, epochs=5)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.05)
+    assert lrs[4:] == pytest.approx([0.1] * 16)
 
 
 def test_format_table():
