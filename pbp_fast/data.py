@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 __all__ = ["ImageDataset", "DataSplits", "BatchLoader", "cifar10", "digits",
-           "train_val_split", "stratified_order", "load_packed_jpeg", "load_python_batches",
+           "train_val_split", "stratified_order", "load_packed_jpeg", "save_packed_jpeg",
+           "encode_jpegs", "load_python_batches",
            "download_cifar10", "default_cache_dir", "epoch_seed", "CIFAR10_MEAN", "CIFAR10_STD",
            "CIFAR10_CLASSES"]
 
@@ -231,6 +232,29 @@ def load_packed_jpeg(path, cache_dir=None) -> ImageDataset:
         (3, 32, 32) else (None, None)
     return ImageDataset(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)),
                         classes, mean, std)
+
+
+def encode_jpegs(images, quality: int = 75) -> list[np.ndarray]:
+    """uint8 RGB images (N, 3, H, W) as JPEG files (one uint8 array each)."""
+    from PIL import Image
+
+    out = []
+    for img in np.asarray(images, np.uint8):
+        buf = io.BytesIO()
+        Image.fromarray(img.transpose(1, 2, 0)).save(buf, format="JPEG", quality=quality)
+        out.append(np.frombuffer(buf.getvalue(), np.uint8))
+    return out
+
+
+def save_packed_jpeg(path, jpegs, labels, classes=CIFAR10_CLASSES) -> Path:
+    """Write JPEG files (byte arrays, e.g. from :func:`encode_jpegs` or slices of another packed
+    file) and their labels as a packed-JPEG ``.npz``, the format :func:`load_packed_jpeg` reads."""
+    blobs = [np.asarray(b, np.uint8).reshape(-1) for b in jpegs]
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs], dtype=np.int64)])
+    np.savez(path, jpeg=np.concatenate(blobs) if blobs else np.zeros(0, np.uint8),
+             offsets=offsets.astype(np.int64), labels=np.asarray(labels, np.uint8),
+             classes=np.asarray([str(c) for c in classes]))
+    return Path(path)
 
 
 def _save_cache(cache_file: Path, images: np.ndarray) -> None:

@@ -1,6 +1,5 @@
 """Data loading (both CIFAR-10 formats, digits), splits, the device batch loader, and the batched
 augmentations."""
-import io
 import pickle
 import urllib.request
 from pathlib import Path
@@ -48,20 +47,13 @@ def python_batches(tmp_path_factory):
 @pytest.fixture(scope="module")
 def packed_jpeg(tmp_path_factory):
     """A pair of packed-JPEG .npz files (120 train, 50 test images) made with Pillow."""
-    from PIL import Image
     root = tmp_path_factory.mktemp("npz")
     out = {}
     for split, n, seed in (("train", 120, 1), ("test", 50, 2)):
         images = _smooth_images(n, seed)
-        blobs = []
-        for img in images:
-            buf = io.BytesIO()
-            Image.fromarray(img.transpose(1, 2, 0)).save(buf, format="JPEG", quality=95)
-            blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
-        offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
         labels = (np.arange(n) % 10).astype(np.uint8)
-        np.savez(root / f"toy_jpeg_{split}.npz", jpeg=np.concatenate(blobs), offsets=offsets,
-                 labels=labels, classes=np.array(CLASSES))
+        data.save_packed_jpeg(root / f"toy_jpeg_{split}.npz", data.encode_jpegs(images, 95),
+                              labels, CLASSES)
         out[split] = (images, labels)
     return root, out
 

@@ -1,7 +1,6 @@
 """The training loop and ``pbp-fast train``: configuration checks, the schedule, end-to-end runs on
 the CPU (digits and a synthetic CIFAR-format file), and exact resumption."""
 import csv
-import io
 import json
 
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 import torch
 
 from pbp_fast import cli
+from pbp_fast.data import encode_jpegs, save_packed_jpeg
 from pbp_fast.train import TrainConfig, build_optimizer, build_scheduler, format_table, train
 
 # A tiny, fast recipe: MobileNetV2 x0.25 on 8x8 digits.
@@ -191,16 +191,8 @@ def test_resume_refuses_a_different_dendrites_setting(tmp_path):
 
 
 def _write_npz(path, n, seed):
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    blobs = []
-    for _ in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
-        blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
-    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])])
-    np.savez(path, jpeg=np.concatenate(blobs), offsets=offsets,
-             labels=(np.arange(n) % 10).astype(np.uint8))
+    images = np.random.default_rng(seed).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    save_packed_jpeg(path, encode_jpegs(images), np.arange(n) % 10)
 
 
 def test_cli_train_on_cifar_format_data(tmp_path, capsys):
