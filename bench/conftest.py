@@ -1,11 +1,17 @@
 """pytest-benchmark helpers: every benchmark names its group and its path ("reference", "cpp",
-...); at the end of the run a table gives each fused path's speed-up over the reference path of
-the same group, measured in the same run (and writes it as JSON with --ratios-json)."""
+...).  At the end of the run a table gives, measured in the same run, each path's speed-up over
+the reference path of the same group and, for a benchmark whose ``extra_info["plain"]`` names the
+group of a baseline benchmark (path "plain", e.g. the model without dendrites), its time as a
+multiple of that baseline's; ``extra_info["peak_mb"]`` (see the ``peak_memory`` fixture) goes
+into the table too.  ``--ratios-json`` writes the table as JSON for ``bench/report.py``."""
 import json
 import os
 import platform
 
+import pytest
 import torch
+
+import report  # bench/report.py: the table, also for the README
 
 
 def pytest_addoption(parser):
@@ -13,23 +19,60 @@ def pytest_addoption(parser):
 
 
 def machine():
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
+def step_peak_mb(fn) -> float:
+    """Peak memory of one call of ``fn``: the most bytes allocated at any moment during it above
+    what was allocated when it began (activations, gradients, temporaries), in MiB.  CUDA: the
+    caching allocator's peak statistic; CPU: the allocations and frees of the CPU allocator
+    recorded by the profiler (``profile_memory``), summed in time order."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - start) / 2 ** 20
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    now = peak = 0
+    for _, nbytes in events:
+        now += nbytes
+        peak = max(peak, now)
+    return peak / 2 ** 20
+
+
+@pytest.fixture
+def peak_memory():
+    return step_peak_mb
+
+
 def ratio_rows(benchmarks):
-    by_group = {}
-    for b in benchmarks:
-        path = b.extra_info.get("path")
-        if path and b.stats is not None:
-            by_group.setdefault(b.group, {})[path] = b.stats.median
+    """One row per benchmark with a path and something to compare: its median, the reference
+    path's median and the speed-up over it, the baseline's median and the ratio to it, the peak
+    memory -- each where the run has it."""
+    runs = {(b.group, b.extra_info["path"]): b for b in benchmarks
+            if b.extra_info.get("path") and b.stats is not None}
     rows = []
-    for group, paths in sorted(by_group.items()):
-        ref = paths.get("reference")
-        for path, t in sorted(paths.items()):
-            if path != "reference" and ref:
-                rows.append(dict(group=group, path=path, median_ms=t * 1e3,
-                                 reference_ms=ref * 1e3, speedup=ref / t))
+    for (group, path), b in sorted(runs.items()):
+        t = b.stats.median
+        row = dict(group=group, path=path, median_ms=t * 1e3)
+        ref = runs.get((group, "reference"))
+        if ref is not None and path != "reference":
+            row.update(reference_ms=ref.stats.median * 1e3, speedup=ref.stats.median / t)
+        plain = runs.get((b.extra_info.get("plain"), "plain"))
+        if plain is not None:
+            row.update(plain_ms=plain.stats.median * 1e3, vs_plain=t / plain.stats.median)
+        if "peak_mb" in b.extra_info:
+            row["peak_mb"] = b.extra_info["peak_mb"]
+        if len(row) > 3:
+            rows.append(row)
     return rows
 
 
@@ -40,14 +83,11 @@ def pytest_terminal_summary(terminalreporter, config):
     rows = ratio_rows(session.benchmarks)
     if not rows:
         return
-    tr = terminalreporter
-    tr.section("speed-up over the reference path (median, same run)")
-    tr.write_line(machine())
-    tr.write_line(f"{'group':<44} {'path':<8} {'ms':>9} {'ref ms':>9} {'speed-up':>9}")
-    for r in rows:
-        tr.write_line(f"{r['group']:<44} {r['path']:<8} {r['median_ms']:>9.2f} "
-                      f"{r['reference_ms']:>9.2f} {r['speedup']:>8.2f}x")
+    data = dict(machine=machine(), rows=rows)
+    terminalreporter.section("speed-up over the reference path, ratio to the plain step "
+                             "(medians of the same run)")
+    terminalreporter.write_line(report.table(data))
     out = config.getoption("--ratios-json")
     if out:
         with open(out, "w") as f:
-            json.dump(dict(machine=machine(), rows=rows), f, indent=1)
+            json.dump(data, f, indent=1)

@@ -1,4 +1,5 @@
-"""Turn the --ratios-json files of a benchmark run into the README's markdown tables.
+"""Turn the --ratios-json files of a benchmark run into the README's markdown tables (the same
+table ends the pytest run).
 
     pytest bench/test_block.py --benchmark-only --ratios-json bench/results/block.json
     python bench/report.py bench/results/block.json
@@ -6,17 +7,34 @@
 import json
 import sys
 
+COLUMNS = [  # header, row key, format; a column appears when some row has its key
+    ("ms", "median_ms", "{:.1f}"),
+    ("reference ms", "reference_ms", "{:.1f}"),
+    ("speed-up", "speedup", "**{:.2f}x**"),
+    ("x plain step", "vs_plain", "{:.2f}x"),
+    ("peak MiB", "peak_mb", "{:.0f}"),
+]
 
-def table(path: str) -> str:
-    with open(path) as f:
-        data = json.load(f)
+
+def table(data: dict) -> str:
+    rows = data["rows"]
+    cols = [c for c in COLUMNS if any(c[1] in r for r in rows)]
     lines = [f"Machine: {data['machine']}.", "",
-             "| case | fused ms | reference ms | speed-up |", "|---|---:|---:|---:|"]
-    for r in data["rows"]:
-        lines.append(f"| {r['group']} ({r['path']}) | {r['median_ms']:.1f} | "
-                     f"{r['reference_ms']:.1f} | **{r['speedup']:.2f}x** |")
+             "| case | " + " | ".join(h for h, _, _ in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for r in rows:
+        cells = [f.format(r[k]) if k in r else "-" for _, k, f in cols]
+        lines.append(f"| {r['group']} ({r['path']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def main(paths):
+    tables = []
+    for path in paths:
+        with open(path) as f:
+            tables.append(table(json.load(f)))
+    print("\n\n".join(tables))
+
+
 if __name__ == "__main__":
-    print("\n\n".join(table(p) for p in sys.argv[1:]))
+    main(sys.argv[1:])

@@ -1,0 +1,169 @@
+"""Step level: one training step (forward, cross-entropy, backward, SGD with momentum) of the CIFAR
+MobileNetV3-Small (32x32 inputs, 10 classes, channels_last), with its peak memory.
+
+Cases: the plain model (no conversion, path "plain"); the converted model with 1 and 3 dendrites
+per unit in the neuron phase (main weights and the newest alphas train, the dendrites are
+frozen); the dendrite phase with 0 and 1 trained dendrites (everything frozen but one candidate
+per unit, trained by the correlation objective from the backward pass).  Paths: the fused
+backend ("cpp" on the CPU, "triton" on CUDA), "reference" (every unit's ``backend``), and the
+perforatedai library where it imports (its open-source dendrites, neuron phase only, see
+``perforatedai_model``).  Every dendritic step is also given as a multiple of the plain step.
+
+CUDA: batch 256 under bf16 autocast, eager, torch.compile and CUDA graphs (the whole step
+captured).  CPU: batch 32 in float32, eager only.
+
+    pytest bench/test_step.py --benchmark-only --ratios-json bench/results/step_cpu.json
+"""
+import importlib.machinery
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pbp_fast as pbp
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+BATCH = 256 if CUDA else 32
+FUSED = "triton" if CUDA else "cpp"
+ROUNDS = 30 if CUDA else 9
+CASES = [("plain", "plain")] + [
+    (case, path) for case in ("neuron D=1", "neuron D=3", "dendrite D=0", "dendrite D=1")
+    for path in ("reference", FUSED) + (("perforatedai",) if case.startswith("neuron") else ())]
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def dendritic_model(model, d, phase, backend):
+    """``pbp.convert`` the model, give every unit ``d`` dendrites and set the phase (the
+    controller's own transition into the dendrite phase creates the candidates)."""
+    for unit in pbp.convert(model).values():
+        unit.backend = backend
+        for _ in range(d):
+            unit.add_dendrite()
+    if phase == "dendrite":
+        pb = pbp.PerforatedBackprop(model, switch_mode="fixed", n_epochs=1, p_epochs=10 ** 6)
+        assert pb.add_validation_score(0.0).phase == "dendrite"
+    return model
+
+
+def import_perforatedai():
+    """perforatedai 3.2.9 declares torchvision and imports it for two ResNet block classes
+    only (``torchvision.models.resnet.BasicBlock`` / ``Bottleneck``, compared against module
+    types).  Where torchvision is not installed at all, two placeholder classes stand in for
+    them; where it is installed but cannot be imported, the case is skipped."""
+    if importlib.util.find_spec("torchvision") is None:
+        names = ("torchvision", "torchvision.models", "torchvision.models.resnet")
+        for name in names:
+            mod = sys.modules.setdefault(name, types.ModuleType(name))
+            mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        resnet = sys.modules[names[-1]]
+        resnet.BasicBlock = type("BasicBlock", (torch.nn.Module,), {})
+        resnet.Bottleneck = type("Bottleneck", (torch.nn.Module,), {})
+    gpa = pytest.importorskip("perforatedai.globals_perforatedai")
+    upa = pytest.importorskip("perforatedai.utils_perforatedai")
+    return gpa, upa
+
+
+def perforatedai_model(model, d, x, y):
+    """The model with ``d`` dendrites per layer added by perforatedai 3.2.9 (every Conv2d and
+    Linear is wrapped).  Its open-source dendrites are copies of the layer (without the
+    BatchNorm), take the layer's input without a detach and train by gradient descent together
+    with the network: there is no separate dendrite phase to time (Perforated Backpropagation's
+    candidate training is in its separate perforatedbp package).  Adding a set of dendrites is
+    what its tracker does at a switch, without the checkpoint files: the layers into dendrite
+    mode (which needs one backward pass first, to learn the output shapes) and back."""
+    gpa, upa = import_perforatedai()
+    gpa.pc.set_configuration_confirmed(True)   # no interactive configuration screen
+    gpa.pc.set_testing_dendrite_capacity(False)
+    gpa.pc.set_unwrapped_modules_confirmed(True)
+    gpa.pc.set_silent(True)
+    model = upa.perforate_model(model, save_name="pai_bench", making_graphs=False)
+    F.cross_entropy(model(x), y).backward()
+    for _ in range(d):
+        gpa.pai_tracker.set_dendrite_training()
+        gpa.pai_tracker.set_neuron_training()
+    return model
+
+
+def train_step(model, opt, x, y):
+    with torch.autocast(DEVICE, torch.bfloat16, enabled=CUDA, cache_enabled=False):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+
+
+def prepare(mode, model, opt, x, y, peak_memory):
+    """Warm up (compile, capture) and return the step to time and the peak memory of one step
+    (of the capture, for CUDA graphs)."""
+    net = torch.compile(model) if mode == "compile" else model
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        train_step(net, opt, x, y)
+
+    if mode == "cudagraphs":  # the whole step, as in PyTorch's CUDA-graphs notes
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        opt.zero_grad(set_to_none=True)
+
+        def capture():
+            with torch.cuda.graph(graph):
+                train_step(net, opt, x, y)
+
+        peak = peak_memory(capture)
+        step = graph.replay
+    else:
+        for _ in range(2):
+            step()
+        opt.zero_grad(set_to_none=True)
+        peak = peak_memory(lambda: train_step(net, opt, x, y))
+
+    def timed():
+        step()
+        sync()
+
+    return timed, peak
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile", "cudagraphs"])
+@pytest.mark.parametrize("case,path", CASES)
+def test_step(benchmark, peak_memory, tmp_path, monkeypatch, case, path, mode):
+    if mode != "eager" and not CUDA:
+        pytest.skip(f"{mode}: timed on CUDA only (on the CPU the eager step is the one used)")
+    if path == FUSED and FUSED not in pbp.backends():
+        pytest.skip(f"the {FUSED} backend is not available here")
+    monkeypatch.chdir(tmp_path)  # perforatedai writes its configuration files to the cwd
+    torch.manual_seed(0)
+    model = pbp.models.mobilenet_v3_small(num_classes=10).to(DEVICE)
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(BATCH, 3, 32, 32, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (BATCH,), device=DEVICE)
+    if case != "plain":
+        phase, d = case.split(" D=")
+        if path == "perforatedai":
+            model = perforatedai_model(model, int(d), x, y)
+        else:
+            model = dendritic_model(model, int(d), phase, path)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01,
+                          momentum=0.9)
+    try:
+        step, peak = prepare(mode, model, opt, x, y, peak_memory)
+    except Exception as err:  # the library's own limits under compile / graphs are a result
+        if path != "perforatedai":
+            raise
+        pytest.skip(f"perforatedai under {mode}: {type(err).__name__}: {err}")
+    benchmark.group = f"step {mode} {case}"
+    benchmark.extra_info.update(path=path, plain=f"step {mode} plain", peak_mb=peak)
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)
