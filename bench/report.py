@@ -1,11 +1,15 @@
 """Turn the --ratios-json files of a benchmark run into the README's markdown tables (the same
-table ends the pytest run).
+table ends the pytest run).  With --readme, each file's table replaces what stands between
+``<!-- bench:NAME:begin -->`` and ``<!-- bench:NAME:end -->`` in that file (NAME: the JSON
+file's name without .json); otherwise the tables are printed.
 
     pytest bench/test_block.py --benchmark-only --ratios-json bench/results/block.json
-    python bench/report.py bench/results/block.json
+    python bench/report.py bench/results/block.json --readme README.md
 """
+import argparse
 import json
-import sys
+import re
+from pathlib import Path
 
 COLUMNS = [  # header, row key, format; a column appears when some row has its key
     ("ms", "median_ms", "{:.1f}"),
@@ -28,13 +32,28 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def main(paths):
-    tables = []
-    for path in paths:
-        with open(path) as f:
-            tables.append(table(json.load(f)))
-    print("\n\n".join(tables))
+def write_between_markers(text: str, name: str, body: str) -> str:
+    begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"no {begin} ... {end} markers in the README")
+    return pattern.sub(lambda _: f"{begin}\n{body}\n{end}", text)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", type=Path, help="--ratios-json files")
+    p.add_argument("--readme", type=Path, help="write the tables into this file's markers")
+    args = p.parse_args(argv)
+    tables = {path.stem: table(json.loads(path.read_text())) for path in args.results}
+    if args.readme is None:
+        print("\n\n".join(tables.values()))
+        return
+    text = args.readme.read_text()
+    for name, body in tables.items():
+        text = write_between_markers(text, name, body)
+    args.readme.write_text(text)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
