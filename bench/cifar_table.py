@@ -76,7 +76,7 @@ SMOKE_PHASES = (1, 1, 1)
 SMOKE = dict(epochs=pb_budget(*SMOKE_PHASES), pb_n_epochs=SMOKE_PHASES[0],
              pb_p_epochs=SMOKE_PHASES[1], pb_max_dendrites=SMOKE_PHASES[2], batch_size=64,
              amp=False, device="cpu")
-SMOKE_IMAGES = 640                  # training images (a fifth for validation); half as many test
+SMOKE_IMAGES = 256                  # training images (a fifth for validation); half as many test
 
 
 @dataclass(frozen=True)
