@@ -1,5 +1,7 @@
-"""pbp_fast.kernels: Triton kernels for CUDA devices (installed from the repository's kernels/).
+"""pbp_fast.kernels: the Triton backend (installed from the repository's kernels/).
 
-Each kernel module registers its launchers behind the ``torch.ops.pbp_fast`` schemas of
-csrc/ops.cpp; until a CUDA kernel exists for an op, CUDA tensors run the reference path.
+``dendritic`` holds the @triton.jit kernels, ``ops`` their launchers, registered as the ops
+``torch.ops.pbp_fast.triton_*`` (``torch.library.triton_op``: torch.compile traces into them) and
+as the CUDA kernels of the C++ ops of csrc/ops.cpp.  ``import pbp_fast.kernels.ops`` registers
+them; ``pbp_fast.functional`` does so on first use of ``backend="triton"``.
 """

@@ -79,7 +79,7 @@ def _conv_args(x, c_out, kernel, stride, padding, dilation, groups):
 def _pick_backend(backend, x):
     avail = ops.backends()
     if backend == "auto":
-        if x.device.type == "cuda" and "triton" in avail:
+        if x.device.type == "cuda" and "triton" in avail and x.dtype != torch.float64:
             return "triton"
         if x.device.type == "cpu" and "cpp" in avail and x.dtype in (torch.float32,
                                                                      torch.float64):
@@ -93,9 +93,21 @@ def _pick_backend(backend, x):
                                                                        torch.float64)):
         raise ValueError(f"backend 'cpp' runs float32/float64 CPU tensors, got {x.dtype} on "
                          f"{x.device}")
-    if backend == "triton" and x.device.type != "cuda":
-        raise ValueError("backend 'triton' needs CUDA tensors")
+    if backend == "triton" and x.device.type != "cuda" and not ops.triton_interpreted():
+        raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got "
+                         f"{x.device}")
     return backend
+
+
+def _autocast(x, tensors):
+    """Under autocast, cast the unit's floating tensors to the autocast dtype, as autocast does
+    for a conv (the kernels accumulate in float32 whatever the storage dtype)."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x, tensors
+    dt = torch.get_autocast_dtype(dev)
+    return x.to(dt), [t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                      for t in tensors]
 
 
 def dendritic_conv2d_with_s(x, weight, bias, d_weight, d_bias, d_scale, d_cascade=None, *,
@@ -104,6 +116,8 @@ def dendritic_conv2d_with_s(x, weight, bias, d_weight, d_bias, d_scale, d_cascad
     """As :func:`dendritic_conv2d`, returning ``(y, s)``: s is the (D, N, Cout, Ho, Wo) stack of
     dendrite activations when ``save_s`` (an empty tensor otherwise)."""
     _check_x(x)
+    x, (weight, bias, d_weight, d_bias, d_scale, d_cascade, base) = _autocast(
+        x, (weight, bias, d_weight, d_bias, d_scale, d_cascade, base))
     _tensor(d_weight, "d_weight", 5)
     _tensor(weight, "weight", 4, optional=True)
     d, c_out = d_weight.shape[:2]
@@ -138,9 +152,9 @@ def dendritic_conv2d_with_s(x, weight, bias, d_weight, d_bias, d_scale, d_cascad
                                           *conv, base=base, save_s=save_s)
     save_s = save_s or (torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (d_weight, d_bias, d_scale, d_cascade)))
-    y, s = torch.ops.pbp_fast.dendritic_conv2d_fwd(x, weight, bias, base, d_weight, d_bias,
-                                                   d_scale, d_cascade, *conv, save_s)
-    return y, s
+    lib = ops.triton_ops() if backend == "triton" else torch.ops.pbp_fast
+    op = lib.triton_dendritic_conv2d_fwd if backend == "triton" else lib.dendritic_conv2d_fwd
+    return op(x, weight, bias, base, d_weight, d_bias, d_scale, d_cascade, *conv, save_s)
 
 
 def dendritic_conv2d(x, weight, bias, d_weight, d_bias, d_scale, d_cascade=None, *, stride=1,
@@ -198,4 +212,6 @@ def candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, *, stride=1, pa
     backend = _pick_backend(backend, x)
     if backend == "reference" or x.shape[0] == 0:
         return reference.candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, *conv)
-    return torch.ops.pbp_fast.candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, *conv)
+    op = ops.triton_ops().triton_candidate_pass if backend == "triton" else \
+        torch.ops.pbp_fast.candidate_pass
+    return op(x, weight, bias, cascade, s, e, mean_e, sign, *conv)

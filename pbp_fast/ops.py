@@ -6,7 +6,7 @@ kernels/ (Triton) and csrc/cuda.  Everything here is shape logic and glue; the m
 """
 from __future__ import annotations
 
-import functools
+import os
 
 import torch
 
@@ -23,7 +23,8 @@ BWD_INPUTS = ("x", "weight", "bias", "d_weight", "d_bias", "d_scale", "d_cascade
 
 def backends() -> list[str]:
     """The backends usable in this process, best last: "reference" always, "cpp" when the compiled
-    extension loaded, "triton" when Triton and a CUDA device are present."""
+    extension loaded, "triton" when Triton imports and a CUDA device (or the interpreter) is
+    present."""
     out = ["reference"]
     if HAVE_C:
         out.append("cpp")
@@ -32,15 +33,32 @@ def backends() -> list[str]:
     return out
 
 
-@functools.cache  # asked on every op call: probe CUDA and the Triton import once
+_TRITON: list = []  # the probe's result, once per process (asked on every op call)
+
+
 def triton_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Triton imports and has somewhere to run: a CUDA device, or its CPU interpreter
+    (``TRITON_INTERPRET=1``, which the tests use)."""
+    if not _TRITON:
+        ok = (torch.cuda.is_available() or triton_interpreted()) and hasattr(torch.library,
+                                                                            "triton_op")
+        if ok:
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                ok = False
+        _TRITON.append(ok)
+    return _TRITON[0]
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_ops():
+    """``torch.ops.pbp_fast`` with the Triton ops (``triton_*``) registered."""
+    import pbp_fast.kernels.ops  # noqa: F401  (registers them on first import)
+    return torch.ops.pbp_fast
 
 
 def is_channels_last(t: torch.Tensor) -> bool:
@@ -74,46 +92,49 @@ def _stacked_like(d, y):
     return y.new_empty((d,) + tuple(y.shape))
 
 
-if HAVE_C:
-    @torch.library.register_fake("pbp_fast::dendritic_conv2d_fwd")
-    def _(x, weight, bias, base, d_weight, d_bias, d_scale, d_cascade, stride, padding,
-          dilation, groups, save_s):
-        y = _empty_like_layout(_out_shape(x, d_weight, stride, padding, dilation), x,
-                               is_channels_last(x))
-        s = _stacked_like(d_weight.shape[0], y) if save_s else x.new_empty(0)
-        return y, s
+def _fake_fwd(x, weight, bias, base, d_weight, d_bias, d_scale, d_cascade, stride, padding,
+              dilation, groups, save_s):
+    y = _empty_like_layout(_out_shape(x, d_weight, stride, padding, dilation), x,
+                           is_channels_last(x))
+    s = _stacked_like(d_weight.shape[0], y) if save_s else x.new_empty(0)
+    return y, s
 
-    @torch.library.register_fake("pbp_fast::dendritic_conv2d_bwd")
-    def _(grad_y, x, weight, d_weight, d_scale, d_cascade, s, stride, padding, dilation, groups,
-          output_mask):
-        like = (x, weight, d_scale.new_empty(d_scale.shape[1]) if weight is not None else None,
-                d_weight, d_scale, d_scale, d_cascade)
-        out = []  # grad_x in x's layout, the parameters' gradients contiguous
-        for i, (need, t) in enumerate(zip(output_mask, like)):
-            if need and t is not None:
-                out.append(_empty_like_layout(t.shape, t, i == 0 and is_channels_last(x)))
-            else:
-                out.append(x.new_empty(0))
-        return tuple(out)
 
-    @torch.library.register_fake("pbp_fast::candidate_pass")
-    def _(x, weight, bias, cascade, s, e, mean_e, sign, stride, padding, dilation, groups):
-        c = weight.shape[0]
-        d = 0 if cascade is None else cascade.shape[0]
-        return (x.new_empty((4, c), dtype=torch.float32),
-                _empty_like_layout(weight.shape, weight, False), weight.new_empty(c),
-                weight.new_empty((d, c)))
+def _fake_bwd(grad_y, x, weight, d_weight, d_scale, d_cascade, s, stride, padding, dilation,
+              groups, output_mask):
+    like = (x, weight, d_scale.new_empty(d_scale.shape[1]) if weight is not None else None,
+            d_weight, d_scale, d_scale, d_cascade)
+    out = []  # grad_x in x's layout, the parameters' gradients contiguous
+    for i, (need, t) in enumerate(zip(output_mask, like)):
+        if need and t is not None:
+            out.append(_empty_like_layout(t.shape, t, i == 0 and is_channels_last(x)))
+        else:
+            out.append(x.new_empty(0))
+    return tuple(out)
 
-    def _fwd_setup(ctx, inputs, output):
-        (x, weight, bias, base, d_weight, d_bias, d_scale, d_cascade, stride, padding, dilation,
-         groups, save_s) = inputs
-        ctx.conv = (stride, padding, dilation, groups)
-        ctx.has = (bias is not None, base is not None, d_bias is not None, d_cascade is not None)
-        ctx.save_for_backward(x, weight, d_weight, d_scale, d_cascade, output[1])
-        ctx.mark_non_differentiable(output[1])
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for the activations s
 
-    def _fwd_backward(ctx, grad_y, _grad_s):
+def _fake_candidate(x, weight, bias, cascade, s, e, mean_e, sign, stride, padding, dilation,
+                    groups):
+    c = weight.shape[0]
+    d = 0 if cascade is None else cascade.shape[0]
+    return (x.new_empty((4, c), dtype=torch.float32),
+            _empty_like_layout(weight.shape, weight, False), weight.new_empty(c),
+            weight.new_empty((d, c)))
+
+
+def _fwd_setup(ctx, inputs, output):
+    (x, weight, bias, base, d_weight, d_bias, d_scale, d_cascade, stride, padding, dilation,
+     groups, save_s) = inputs
+    ctx.conv = (stride, padding, dilation, groups)
+    ctx.has = (bias is not None, base is not None, d_bias is not None, d_cascade is not None)
+    ctx.save_for_backward(x, weight, d_weight, d_scale, d_cascade, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the activations s
+
+
+def _backward_with(bwd_op):
+    """The autograd formula of a dendritic_conv2d_fwd op whose backward op is ``bwd_op``."""
+    def backward(ctx, grad_y, _grad_s):
         if grad_y is None:
             return (None,) * 13
         x, weight, d_weight, d_scale, d_cascade, s = ctx.saved_tensors
@@ -126,13 +147,31 @@ if HAVE_C:
         if any(mask[3:]) and s.dim() != 5 and d_weight.shape[0] > 0:
             raise RuntimeError("pbp_fast: dendrite gradients need the forward's activations; "
                                "call the op with save_s=True")
-        grads = torch.ops.pbp_fast.dendritic_conv2d_bwd(
+        grads = bwd_op(
             grad_y.contiguous(memory_format=torch.channels_last if is_channels_last(x)
                               else torch.contiguous_format),
             x, weight, d_weight, d_scale, d_cascade, s, *ctx.conv, mask)
         gx, gw, gb, gdw, gdb, gds, gdc = (g if m else None for g, m in zip(grads, mask))
         gbase = grad_y if (has_base and n[3]) else None
         return gx, gw, gb, gbase, gdw, gdb, gds, gdc, None, None, None, None, None
+    return backward
 
-    torch.library.register_autograd("pbp_fast::dendritic_conv2d_fwd", _fwd_backward,
-                                    setup_context=_fwd_setup)
+
+def register(prefix: str, fakes: bool = True) -> None:
+    """Register the autograd formula of ``pbp_fast::{prefix}dendritic_conv2d_fwd`` and, with
+    ``fakes``, the fake implementations of it, ``_bwd`` and ``{prefix}candidate_pass`` (ops
+    made by ``triton_op`` have theirs already)."""
+    for name, fake in (("dendritic_conv2d_fwd", _fake_fwd), ("dendritic_conv2d_bwd", _fake_bwd),
+                       ("candidate_pass", _fake_candidate)):
+        if fakes:
+            torch.library.register_fake(f"pbp_fast::{prefix}{name}", fake)
+    torch.library.register_autograd(
+        f"pbp_fast::{prefix}dendritic_conv2d_fwd",
+        _backward_with(getattr(torch.ops.pbp_fast, f"{prefix}dendritic_conv2d_bwd")),
+        setup_context=_fwd_setup)
+
+
+if HAVE_C:
+    register("")
+    if torch.cuda.is_available() and triton_available():
+        triton_ops()  # the C++ ops' CUDA kernels are the Triton launchers (kernels/ops.py)

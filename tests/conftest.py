@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # the Triton kernels run on the CPU interpreter (tiny grids)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch.nn.functional as F
 from torch import nn
 
@@ -13,6 +18,9 @@ def _seed():
 
 needs_cpp = pytest.mark.skipif("cpp" not in pbp_fast.backends(),
                                reason="the compiled extension pbp_fast._C is not built")
+needs_triton = pytest.mark.skipif("triton" not in pbp_fast.backends(),
+                                  reason="Triton is not installed (or torch lacks triton_op)")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pbp_fast
 from pbp_fast import reference
 from pbp_fast.nn import DendriticConv2d, DendriticLinear
 
-BACKENDS = [b for b in pbp_fast.backends() if b in ("reference", "cpp")]  # the CPU ones here
+BACKENDS = pbp_fast.backends()  # "triton" runs on the CPU interpreter without a GPU
 
 CONVS = {  # (conv, input shape)
     "dense3x3": (lambda: nn.Conv2d(4, 6, 3, padding=1), (2, 4, 7, 7)),

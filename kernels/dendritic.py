@@ -1,0 +1,255 @@
+"""Triton kernels of a dendritic unit (DESIGN.md "Math"): one launch computes a tile of output
+pixels x output channels of the main conv and all D dendrites, and finishes it in registers.
+
+Every tensor is addressed through its four strides, so one kernel serves NHWC (channels_last,
+coalesced along the channel tiles) and NCHW.  A tile's convolutions come from one of three
+``MODE``s:
+
+    0  depthwise (groups == C_in == C_out): a direct loop over the kernel taps;
+    1  pointwise (1x1, groups == 1): a GEMM over the input channels with ``tl.dot``; the dendrites
+       are one batched ``tl.dot`` over a (D, pixels, channels) accumulator;
+    2  any other conv: the pre-activations were computed by one stacked ATen (cuDNN) convolution
+       whose output channel of conv m (0 = main, then the dendrites) and channel c = (g, cl) is
+       (g * M + m) * Cg + cl, and the kernel loads them.
+
+Accumulation is float32 whatever the storage dtype (float32, bfloat16, float16); float64
+inputs accumulate in float64 (``ACC``).  Per-channel
+sums over pixels are written per pixel-tile into a ``partials`` (tiles, rows, C) buffer (ACC)
+that the launcher reduces with one deterministic ``sum``: no atomics, no host synchronisation.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile(P, HWo, Wo, C, BP: tl.constexpr, BC: tl.constexpr):
+    """The program's output pixels p (flattened n, oh, ow) and channels c, with their masks."""
+    p = tl.program_id(0) * BP + tl.arange(0, BP)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    mp = p < P
+    mc = c < C
+    n = (p // HWo).to(tl.int64)
+    r = p % HWo
+    return c, mp, mc, n, r // Wo, r % Wo
+
+
+@triton.jit
+def _offsets(n, c, oh, ow, sn, sc, sh, sw):
+    """(pixels, channels) element offsets of a 4-D tensor with strides (sn, sc, sh, sw)."""
+    return (n * sn + oh * sh + ow * sw)[:, None] + c.to(tl.int64)[None, :] * sc
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr):
+    """acc + a @ b; PREC "upcast" computes in float32 (the CPU interpreter's bfloat16 dot is
+    wrong), else it is tl.dot's input_precision."""
+    if PREC == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=PREC)
+    return out
+
+
+@triton.jit
+def _conv_tile(x_ptr, w_ptr, dw_ptr, z_ptr, n, oh, ow, c, mp, mc,
+               C_in, H, W, C, Cg, sxn, sxc, sxh, sxw, szn, szc, szh, szw,
+               SH, SW, PH, PW, DH, DW,
+               MODE: tl.constexpr, HAS_W: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+               KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
+               BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """(BP, BC) main-conv and (DP, BP, BC) dendrite pre-activations of one tile (no
+    biases).  Rows d >= D of the dendrite accumulator are zero."""
+    acc = tl.zeros((BP, BC), ACC)
+    acc_d = tl.zeros((DP, BP, BC), ACC)
+    d = tl.arange(0, DP)
+    md = d < D
+    if MODE == 0:
+        for i in tl.static_range(KH):
+            ih = oh * SH - PH + i * DH
+            for j in tl.static_range(KW):
+                iw = ow * SW - PW + j * DW
+                ok = mp & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                xv = tl.load(x_ptr + _offsets(n, c, ih, iw, sxn, sxc, sxh, sxw),
+                             mask=ok[:, None] & mc[None, :], other=0.0).to(ACC)
+                if HAS_W:
+                    wv = tl.load(w_ptr + c * (KH * KW) + (i * KW + j), mask=mc, other=0.0)
+                    acc += xv * wv.to(ACC)[None, :]
+                if D > 0:
+                    wd = tl.load(dw_ptr + d[:, None] * (C * KH * KW) + c[None, :] * (KH * KW)
+                                 + (i * KW + j), mask=md[:, None] & mc[None, :], other=0.0)
+                    acc_d += xv[None, :, :] * wd.to(ACC)[:, None, :]
+    elif MODE == 1:
+        ih = oh * SH - PH
+        iw = ow * SW - PW
+        ok = mp & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        row = n * sxn + ih * sxh + iw * sxw
+        for k0 in range(0, C_in, BK):
+            k = k0 + tl.arange(0, BK)
+            mk = k < C_in
+            xv = tl.load(x_ptr + row[:, None] + k.to(tl.int64)[None, :] * sxc,
+                         mask=ok[:, None] & mk[None, :], other=0.0)
+            if HAS_W:
+                wv = tl.load(w_ptr + c[None, :] * C_in + k[:, None],
+                             mask=mk[:, None] & mc[None, :], other=0.0)
+                acc = _dot(xv, wv, acc, PREC)
+            if D > 0:
+                wd = tl.load(dw_ptr + d[:, None, None] * (C * C_in) + c[None, None, :] * C_in
+                             + k[None, :, None],
+                             mask=md[:, None, None] & mk[None, :, None] & mc[None, None, :],
+                             other=0.0)
+                acc_d = _dot(tl.broadcast_to(xv[None, :, :], (DP, BP, BK)), wd, acc_d, PREC)
+    else:
+        M: tl.constexpr = D + HAS_W
+        g = c // Cg
+        cl = c % Cg
+        m2 = mp[:, None] & mc[None, :]
+        if HAS_W:
+            acc = tl.load(z_ptr + _offsets(n, g * (M * Cg) + cl, oh, ow, szn, szc, szh, szw),
+                          mask=m2, other=0.0).to(ACC)
+        if D > 0:
+            ch = ((g[None, :] * M + HAS_W + d[:, None]) * Cg + cl[None, :]).to(tl.int64)
+            base = (n * szn + oh * szh + ow * szw)[None, :, None]
+            acc_d = tl.load(z_ptr + base + ch[:, None, :] * szc,
+                            mask=md[:, None, None] & m2[None, :, :], other=0.0).to(ACC)
+    return acc, acc_d
+
+
+@triton.jit
+def dendritic_fwd_kernel(
+        x_ptr, w_ptr, b_ptr, base_ptr, dw_ptr, db_ptr, ds_ptr, dc_ptr, z_ptr, y_ptr, s_ptr,
+        P, HWo, Wo, C, C_in, H, W, Cg,
+        sxn, sxc, sxh, sxw, szn, szc, szh, szw, syn, syc, syh, syw, sbn, sbc, sbh, sbw,
+        ssd, ssn, ssc, ssh, ssw, SH, SW, PH, PW, DH, DW,
+        MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_BASE: tl.constexpr,
+        HAS_DB: tl.constexpr, HAS_DC: tl.constexpr, SAVE_S: tl.constexpr, D: tl.constexpr,
+        DP: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr,
+        BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """y = base + conv(x; W) + b + sum_k alpha_k s_k,  s_k = sigmoid(conv(x; W_k) + b_k
+    + sum_{j<k} kappa_kj s_j); s is stored when SAVE_S (for the backward)."""
+    c, mp, mc, n, oh, ow = _tile(P, HWo, Wo, C, BP, BC)
+    m2 = mp[:, None] & mc[None, :]
+    acc, acc_d = _conv_tile(x_ptr, w_ptr, dw_ptr, z_ptr, n, oh, ow, c, mp, mc, C_in, H, W, C, Cg,
+                            sxn, sxc, sxh, sxw, szn, szc, szh, szw, SH, SW, PH, PW, DH, DW,
+                            MODE, HAS_W, D, DP, KH, KW, BP, BC, BK, PREC, ACC)
+    y = acc
+    if HAS_B:
+        y += tl.load(b_ptr + c, mask=mc, other=0.0).to(ACC)[None, :]
+    if HAS_BASE:
+        y += tl.load(base_ptr + _offsets(n, c, oh, ow, sbn, sbc, sbh, sbw), mask=m2,
+                     other=0.0).to(ACC)
+    d = tl.arange(0, DP)
+    s_all = tl.zeros((DP, BP, BC), ACC)
+    s_off = _offsets(n, c, oh, ow, ssn, ssc, ssh, ssw)
+    for k in tl.static_range(D):
+        sel = (d == k)[:, None, None]
+        a = tl.sum(tl.where(sel, acc_d, 0.0), axis=0)
+        if HAS_DB:
+            a += tl.load(db_ptr + k * C + c, mask=mc, other=0.0).to(ACC)[None, :]
+        if HAS_DC and k > 0:
+            kap = tl.load(dc_ptr + k * D * C + d[:, None] * C + c[None, :],
+                          mask=(d < k)[:, None] & mc[None, :], other=0.0).to(ACC)
+            a += tl.sum(kap[:, None, :] * s_all, axis=0)
+        s = tl.sigmoid(a)
+        s_all = tl.where(sel, s[None, :, :], s_all)
+        y += tl.load(ds_ptr + k * C + c, mask=mc, other=0.0).to(ACC)[None, :] * s
+        if SAVE_S:
+            tl.store(s_ptr + k * ssd + s_off, s.to(s_ptr.dtype.element_ty), mask=m2)
+    tl.store(y_ptr + _offsets(n, c, oh, ow, syn, syc, syh, syw), y.to(y_ptr.dtype.element_ty),
+             mask=m2)
+
+
+@triton.jit
+def dendritic_bwd_kernel(
+        g_ptr, s_ptr, ds_ptr, dc_ptr, ga_ptr, part_ptr,
+        P, HWo, Wo, C, Cg, sgn, sgc, sgh, sgw, ssd, ssn, ssc, ssh, ssw, san, sac, sah, saw,
+        HAS_DC: tl.constexpr, NEED_GA: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+        R: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+    """The perforated backward's dendrite part.  From g = dL/dy and the saved s, in reverse:
+    dL/ds_k = alpha_k g + sum_{m>k} kappa_mk ga_m,  ga_k = dL/da_k = dL/ds_k s_k (1 - s_k).
+    Partial rows per channel: 0 sum g (main bias); 1+k sum g s_k (alpha_k); 1+D+k sum ga_k (b_k);
+    1+2D+k*D+j sum ga_k s_j for j < k (kappa_kj).  ga_k is stored at channel (g*D + k)*Cg + cl of
+    the stacked grouped conv whose weight gradient gives every W_k at once."""
+    c, mp, mc, n, oh, ow = _tile(P, HWo, Wo, C, BP, BC)
+    m2 = mp[:, None] & mc[None, :]
+    d = tl.arange(0, DP)
+    md = d < D
+    gv = tl.load(g_ptr + _offsets(n, c, oh, ow, sgn, sgc, sgh, sgw), mask=m2,
+                 other=0.0).to(ACC)
+    s_all = tl.load(s_ptr + d.to(tl.int64)[:, None, None] * ssd
+                    + _offsets(n, c, oh, ow, ssn, ssc, ssh, ssw)[None, :, :],
+                    mask=md[:, None, None] & m2[None, :, :], other=0.0).to(ACC)
+    part = part_ptr + tl.program_id(0).to(tl.int64) * (R * C)
+    tl.store(part + c, tl.sum(gv, axis=0), mask=mc)
+    tl.store(part + (1 + d[:, None]) * C + c[None, :], tl.sum(gv[None, :, :] * s_all, axis=1),
+             mask=md[:, None] & mc[None, :])
+    if NEED_GA:
+        ga_all = tl.zeros((DP, BP, BC), ACC)
+        grp = c // Cg
+        cl = c % Cg
+        for kk in tl.static_range(D):
+            k: tl.constexpr = D - 1 - kk
+            sel = (d == k)[:, None, None]
+            s_k = tl.sum(tl.where(sel, s_all, 0.0), axis=0)
+            gs = tl.load(ds_ptr + k * C + c, mask=mc, other=0.0).to(ACC)[None, :] * gv
+            if HAS_DC and k < D - 1:
+                kap = tl.load(dc_ptr + d[:, None] * (D * C) + k * C + c[None, :],
+                              mask=(d > k)[:, None] & md[:, None] & mc[None, :],
+                              other=0.0).to(ACC)
+                gs += tl.sum(kap[:, None, :] * ga_all, axis=0)
+            ga = gs * s_k * (1.0 - s_k)
+            ga_all = tl.where(sel, ga[None, :, :], ga_all)
+            tl.store(part + (1 + D + k) * C + c, tl.sum(ga, axis=0), mask=mc)
+            if HAS_DC and k > 0:
+                tl.store(part + (1 + 2 * D + k * D + d[:, None]) * C + c[None, :],
+                         tl.sum(ga[None, :, :] * s_all, axis=1),
+                         mask=(d < k)[:, None] & mc[None, :])
+            tl.store(ga_ptr + _offsets(n, (grp * D + k) * Cg + cl, oh, ow, san, sac, sah, saw),
+                     ga.to(ga_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def candidate_kernel(
+        x_ptr, w_ptr, b_ptr, z_ptr, cc_ptr, s_ptr, e_ptr, me_ptr, sg_ptr, ga_ptr, part_ptr,
+        P, HWo, Wo, C, C_in, H, W, inv_n,
+        sxn, sxc, sxh, sxw, szn, szc, szh, szw, ssd, ssn, ssc, ssh, ssw, sen, sec, seh, sew,
+        san, sac, sah, saw, SH, SW, PH, PW, DH, DW,
+        MODE: tl.constexpr, HAS_B: tl.constexpr, DC: tl.constexpr, DCP: tl.constexpr,
+        R: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr,
+        BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """One candidate's pass: v = sigmoid(conv(x; W_c) + b_c + sum_j kappa_j s_j), e = dL/dy.
+    Partial rows per channel: 0..3 sums of v, e, v e, e e; 4 sum ga (b_c); 5+j sum ga s_j
+    (kappa_j), where ga = dL_c/da = -sign (e - mean_e) / n * v (1 - v) is also stored for the
+    weight gradient."""
+    c, mp, mc, n, oh, ow = _tile(P, HWo, Wo, C, BP, BC)
+    m2 = mp[:, None] & mc[None, :]
+    acc, _ = _conv_tile(x_ptr, w_ptr, w_ptr, z_ptr, n, oh, ow, c, mp, mc, C_in, H, W, C, C,
+                        sxn, sxc, sxh, sxw, szn, szc, szh, szw, SH, SW, PH, PW, DH, DW,
+                        MODE, True, 0, 1, KH, KW, BP, BC, BK, PREC, ACC)
+    if HAS_B:
+        acc += tl.load(b_ptr + c, mask=mc, other=0.0).to(ACC)[None, :]
+    j = tl.arange(0, DCP)
+    s_all = tl.zeros((DCP, BP, BC), ACC)
+    if DC > 0:
+        s_all = tl.load(s_ptr + j.to(tl.int64)[:, None, None] * ssd
+                        + _offsets(n, c, oh, ow, ssn, ssc, ssh, ssw)[None, :, :],
+                        mask=(j < DC)[:, None, None] & m2[None, :, :], other=0.0).to(ACC)
+        kap = tl.load(cc_ptr + j[:, None] * C + c[None, :], mask=(j < DC)[:, None] & mc[None, :],
+                      other=0.0).to(ACC)
+        acc += tl.sum(kap[:, None, :] * s_all, axis=0)
+    v = tl.where(m2, tl.sigmoid(acc), 0.0)
+    e = tl.load(e_ptr + _offsets(n, c, oh, ow, sen, sec, seh, sew), mask=m2,
+                other=0.0).to(ACC)
+    mean_e = tl.load(me_ptr + c, mask=mc, other=0.0).to(ACC)
+    sign = tl.load(sg_ptr + c, mask=mc, other=0.0).to(ACC)
+    ga = tl.where(m2, -(sign * inv_n)[None, :] * (e - mean_e[None, :]) * v * (1.0 - v), 0.0)
+    part = part_ptr + tl.program_id(0).to(tl.int64) * (R * C)
+    tl.store(part + c, tl.sum(v, axis=0), mask=mc)
+    tl.store(part + C + c, tl.sum(e, axis=0), mask=mc)
+    tl.store(part + 2 * C + c, tl.sum(v * e, axis=0), mask=mc)
+    tl.store(part + 3 * C + c, tl.sum(e * e, axis=0), mask=mc)
+    tl.store(part + 4 * C + c, tl.sum(ga, axis=0), mask=mc)
+    if DC > 0:
+        tl.store(part + (5 + j[:, None]) * C + c[None, :], tl.sum(ga[None, :, :] * s_all, axis=1),
+                 mask=(j < DC)[:, None] & mc[None, :])
+    tl.store(ga_ptr + _offsets(n, c, oh, ow, san, sac, sah, saw),
+             ga.to(ga_ptr.dtype.element_ty), mask=m2)
