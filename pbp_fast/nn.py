@@ -77,6 +77,7 @@ class DendriticUnit(nn.Module):
     """
 
     warmup_batches: int = 10        # K: cumulative running means for the first K batches
+    _output_is_view: bool = False   # forward returns a view of the fused op's output
     stats_momentum: float = 0.99    # then an EMA with this momentum
     snapshot_threshold: float = 0.10  # snapshot the candidate when its score improves by > 10 %
 
@@ -221,14 +222,14 @@ class DendriticUnit(nn.Module):
                 "gradients would differ between ranks")
         if not y.requires_grad:  # a non-leaf, so that in-place ops after the unit still work
             y = y.detach().requires_grad_().clone()
-        elif y._is_view():  # (a Linear's reshaped output) an in-place op would rebase the view
+        elif self._output_is_view:  # (a Linear's reshaped output) an in-place op would rebase it
             y = y.clone()
         y.register_hook(functools.partial(self._candidate_step, x.detach(), s))
         return y
 
     @torch.no_grad()
     def _candidate_step(self, x, s, e):
-        if e.dim() != 4:  # a Linear's (..., Cout) error as (M, Cout, 1, 1)
+        if self._output_is_view:  # a Linear's (..., Cout) error as (M, Cout, 1, 1)
             e = e.reshape(-1, e.shape[-1], 1, 1)
         dt = x.dtype
         sync = self.candidate_sync
@@ -423,6 +424,8 @@ def _same_padding(conv):
 class DendriticLinear(DendriticUnit):
     """A dendritic unit around an ``nn.Linear`` and an optional ``nn.BatchNorm1d`` on its output,
     computed as a 1x1 conv over all leading dimensions.  Kept as ``.linear`` and ``.bn``."""
+
+    _output_is_view = True
 
     def __init__(self, linear: nn.Linear, bn: nn.BatchNorm1d | None = None):
         if not isinstance(linear, nn.Linear):
