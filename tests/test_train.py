@@ -105,6 +105,30 @@ def test_constant_schedule_keeps_the_peak_rate_after_the_warmup():
     assert lrs[4:] == pytest.approx([0.1] * 16)
 
 
+@pytest.mark.parametrize("extra", [[], PB], ids=["baseline", "pb"])
+def test_the_model_is_chosen_on_validation_and_tested_once(tmp_path, monkeypatch, extra):
+    """The reported model is the best epoch by validation accuracy (a split of the training
+    data); the test split is evaluated once, after training, on that model."""
+    from pbp_fast import train as train_mod
+    loaders, evaluate = [], train_mod.evaluate
+
+    def spy(model, loader, amp=False):
+        loaders.append(loader)
+        return evaluate(model, loader, amp)
+
+    monkeypatch.setattr(train_mod, "evaluate", spy)
+    out = tmp_path / "run"
+    assert cli.main(["train", *FAST, *extra, "--epochs", "3", "--lr", "0.5", "--sched",
+                     "constant", "--output-dir", str(out)]) == 0
+    val_set, test_set = loaders[0].dataset, loaders[-1].dataset
+    assert len(loaders) == 3 + 2 and test_set is not val_set
+    assert all(loader.dataset is val_set for loader in loaders[:-1])
+    results = json.loads((out / "results.json").read_text())
+    val = [float(r["val_acc"]) for r in _rows(out / "metrics.csv")]
+    assert results["val_acc"] == pytest.approx(val[results["best_epoch"] - 1])
+    assert results["val_acc"] == pytest.approx(max(val), abs=1e-3 * max(val))
+
+
 def test_format_table():
     text = format_table([{"a": "x", "b": 1234.5}], [("name", "a", ""), ("value", "b", ",.1f")])
     assert text.splitlines()[0].split() == ["name", "value"]
