@@ -2,8 +2,8 @@
 ...).  At the end of the run a table gives, measured in the same run, each path's speed-up over
 the reference path of the same group and, for a benchmark whose ``extra_info["plain"]`` names the
 group of a baseline benchmark (path "plain", e.g. the model without dendrites), its time as a
-multiple of that baseline's; ``extra_info["peak_mb"]`` (see the ``peak_memory`` fixture) goes
-into the table too.  ``--ratios-json`` writes the table as JSON for ``bench/report.py``."""
+multiple of that baseline's.  The ``extra_info`` values that ``report.COLUMNS`` names (peak
+memory from the ``peak_memory`` fixture, achieved GB/s ...) go into the table too.  ``--ratios-json`` writes the table as JSON for ``bench/report.py``."""
 import json
 import os
 import platform
@@ -55,8 +55,8 @@ def peak_memory():
 
 def ratio_rows(benchmarks):
     """One row per benchmark with a path and something to compare: its median, the reference
-    path's median and the speed-up over it, the baseline's median and the ratio to it, the peak
-    memory -- each where the run has it."""
+    path's median and the speed-up over it, the baseline's median and the ratio to it, and its
+    extra_info values that are report columns -- each where the run has it."""
     runs = {(b.group, b.extra_info["path"]): b for b in benchmarks
             if b.extra_info.get("path") and b.stats is not None}
     rows = []
@@ -69,8 +69,7 @@ def ratio_rows(benchmarks):
         plain = runs.get((b.extra_info.get("plain"), "plain"))
         if plain is not None:
             row.update(plain_ms=plain.stats.median * 1e3, vs_plain=t / plain.stats.median)
-        if "peak_mb" in b.extra_info:
-            row["peak_mb"] = b.extra_info["peak_mb"]
+        row.update((k, b.extra_info[k]) for _, k, _ in report.COLUMNS if k in b.extra_info)
         if len(row) > 3:
             rows.append(row)
     return rows

@@ -17,6 +17,8 @@ COLUMNS = [  # header, row key, format; a column appears when some row has its k
     ("speed-up", "speedup", "**{:.2f}x**"),
     ("x plain step", "vs_plain", "{:.2f}x"),
     ("peak MiB", "peak_mb", "{:.0f}"),
+    ("GB/s", "gbps", "{:.0f}"),
+    ("of copy GB/s", "copy_fraction", "{:.0%}"),
 ]
 
 
