@@ -29,6 +29,42 @@ View<T> view_of(const at::Tensor& t, const Geom& g) {  // t is (N, C, Ho, Wo) in
 at::Tensor opt_or(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 
 // ---------------------------------------------------------------- depthwise, forward
+// The taps of an NHWC depthwise conv for a block of output pixels along a row: tap t reads the
+// channel row at x + xoff[t] (+ p * step for the block's pixel p) with weights w + woff[t].
+template <typename T>
+struct DwTaps {
+  const T* x;
+  const T* w;
+  const int64_t* xoff;
+  const int64_t* woff;
+  int64_t nt, step;
+};
+
+// out[p * C + c] = bias[c] + sum_t w[woff[t] + c] * x[xoff[t] + p * step + c] for channels
+// c0 .. c0 + CB - 1, with P x CB accumulators in registers.
+template <int64_t P, int64_t CB, typename T>
+PBP_INLINE void dw_channels(const DwTaps<T>& tp, const T* bias, int64_t C, int64_t c0, T* out) {
+  T reg[P][CB];
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t c = 0; c < CB; ++c) reg[p][c] = bias ? bias[c0 + c] : T(0);
+  for (int64_t t = 0; t < tp.nt; ++t) {
+    const T* xv = tp.x + tp.xoff[t] + c0;
+    const T* wv = tp.w + tp.woff[t] + c0;
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t c = 0; c < CB; ++c) reg[p][c] += wv[c] * xv[p * tp.step + c];
+  }
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t c = 0; c < CB; ++c) out[p * C + c0 + c] = reg[p][c];
+}
+
+template <int64_t P, typename T>
+PBP_INLINE void dw_pixels(const DwTaps<T>& tp, const T* bias, int64_t C, T* out) {
+  int64_t c0 = 0;
+  for (; c0 + 16 <= C; c0 += 16) dw_channels<P, 16>(tp, bias, C, c0, out);
+  for (; c0 + 4 <= C; c0 += 4) dw_channels<P, 4>(tp, bias, C, c0, out);
+  for (; c0 < C; ++c0) dw_channels<P, 1>(tp, bias, C, c0, out);
+}
+
 template <typename T>
 void dw_fwd(const Geom& g, const T* x, const std::vector<const T*>& w,
             const std::vector<const T*>& b, bool has_main, const View<T>& base,
@@ -60,49 +96,44 @@ void dw_fwd(const Geom& g, const T* x, const std::vector<const T*>& w,
     });
     return;
   }
-  // NHWC: w[m] holds the transposed taps (KH*KW, C). Per output pixel, the valid taps are listed
-  // once; each block of 16 channels accumulates in registers over all taps.
-  constexpr int64_t CB = 16;
+  // NHWC: w[m] holds the transposed taps (KH*KW, C). Output pixels go in blocks of PB along a
+  // row where every horizontal tap is inside the image (one tap list serves the block; PB x CB
+  // independent accumulators keep the FMA units busy), one by one near the borders.
+  constexpr int64_t PB = 4;
+  const int64_t ow_lo = (g.PW + g.SW - 1) / g.SW, last = g.W - 1 + g.PW - (g.KW - 1) * g.DW;
+  const int64_t ow_hi = last < 0 ? 0 : std::min(g.Wo, last / g.SW + 1);
   at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<T> acc(M * C), tmp(D * C);
+    std::vector<T> acc(M * PB * C), tmp(D * C);
     std::vector<const T*> a(D);
     std::vector<T*> sl(D);
     std::vector<int64_t> xoff(KK), woff(KK);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / g.Ho, oh = r % g.Ho;
-      for (int64_t ow = 0; ow < g.Wo; ++ow) {
+      for (int64_t ow = 0; ow < g.Wo;) {
+        const int64_t P = (ow >= ow_lo && ow + PB <= ow_hi) ? PB : 1;
         int64_t nt = 0;
         for_pixel_taps(g, n, oh, ow, [&](int64_t tap, int64_t xo) {
           xoff[nt] = xo;
           woff[nt++] = tap * C;
         });
         for (int64_t m = 0; m < M; ++m) {
-          T* row = acc.data() + m * C;
-          const T* wm = w[m];
-          const T* bm = b[m];
-          int64_t c0 = 0;
-          for (; c0 + CB <= C; c0 += CB) {
-            T reg[CB];
-            for (int64_t c = 0; c < CB; ++c) reg[c] = bm ? bm[c0 + c] : T(0);
-            for (int64_t t = 0; t < nt; ++t) {
-              const T* xv = x + xoff[t] + c0;
-              const T* wv = wm + woff[t] + c0;
-              for (int64_t c = 0; c < CB; ++c) reg[c] += wv[c] * xv[c];
-            }
-            for (int64_t c = 0; c < CB; ++c) row[c0 + c] = reg[c];
+          const DwTaps<T> tp{x, w[m], xoff.data(), woff.data(), nt, g.SW * C};
+          if (P == PB)
+            dw_pixels<PB>(tp, b[m], C, acc.data() + m * P * C);
+          else
+            dw_pixels<1>(tp, b[m], C, acc.data() + m * P * C);
+        }
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t pix = oh * g.Wo + ow + p;
+          for (int64_t k = 0; k < D; ++k) {
+            a[k] = acc.data() + ((M - D + k) * P + p) * C;
+            sl[k] = save ? s[k].at(n, 0, pix) : tmp.data() + k * C;
           }
-          for (int64_t c = c0; c < C; ++c) row[c] = bm ? bm[c] : T(0);
-          for (int64_t t = 0; t < nt && c0 < C; ++t)
-            for (int64_t c = c0; c < C; ++c) row[c] += wm[woff[t] + c] * x[xoff[t] + c];
+          fwd_line<true>(C, D, C, (const T*)base.at(n, 0, pix),
+                         has_main ? (const T*)acc.data() + p * C : nullptr, a.data(), alpha,
+                         casc, y.at(n, 0, pix), sl.data());
         }
-        const int64_t pix = oh * g.Wo + ow;
-        for (int64_t k = 0; k < D; ++k) {
-          a[k] = acc.data() + (M - D + k) * C;
-          sl[k] = save ? s[k].at(n, 0, pix) : tmp.data() + k * C;
-        }
-        fwd_line<true>(C, D, C, (const T*)base.at(n, 0, pix),
-                       has_main ? (const T*)acc.data() : nullptr, a.data(), alpha, casc,
-                       y.at(n, 0, pix), sl.data());
+        ow += P;
       }
     }
   });
@@ -519,7 +550,9 @@ bwd_cpu(const at::Tensor& grad_y_, const at::Tensor& x_, const std::optional<at:
     const int64_t Ds = (int64_t)sv.size();
     const T* alpha = d_scale.data_ptr<T>();
     const T* casc = d_cascade.data_ptr<T>();
-    if (is_depthwise(g)) {
+    // The depthwise pass pays for its kernel-gradient sums on every row: take it only when a
+    // conv-shaped gradient is wanted (not in the neuron phase, where only alpha trains).
+    if (is_depthwise(g) && (mask[0] || mask[1] || (mask[3] && Ds > 0))) {
       at::Tensor wt;
       if (weight.defined())
         wt = g.channels_last ? weight.reshape({C, KK}).t().contiguous() : weight.contiguous();
