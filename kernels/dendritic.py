@@ -99,15 +99,18 @@ def _conv_tile(x_ptr, w_ptr, dw_ptr, z_ptr, n, oh, ow, c, mp, mc,
                              other=0.0)
                 acc_d = _dot(tl.broadcast_to(xv[None, :, :], (DP, BP, BK)), wd, acc_d, PREC)
     else:
-        M: tl.constexpr = D + HAS_W
         g = c // Cg
         cl = c % Cg
         m2 = mp[:, None] & mc[None, :]
-        if HAS_W:
-            acc = tl.load(z_ptr + _offsets(n, g * (M * Cg) + cl, oh, ow, szn, szc, szh, szw),
+        if HAS_W:  # the group's main conv, then its D dendrites
+            first = g * (D + 1)
+            acc = tl.load(z_ptr + _offsets(n, first * Cg + cl, oh, ow, szn, szc, szh, szw),
                           mask=m2, other=0.0).to(ACC)
+            first += 1
+        else:
+            first = g * D
         if D > 0:
-            ch = ((g[None, :] * M + HAS_W + d[:, None]) * Cg + cl[None, :]).to(tl.int64)
+            ch = ((first[None, :] + d[:, None]) * Cg + cl[None, :]).to(tl.int64)
             base = (n * szn + oh * szh + ow * szw)[None, :, None]
             acc_d = tl.load(z_ptr + base + ch[:, None, :] * szc,
                             mask=md[:, None, None] & m2[None, :, :], other=0.0).to(ACC)

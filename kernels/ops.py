@@ -177,22 +177,27 @@ def dendritic_conv2d_bwd(
         gx, gw, _ = torch.ops.aten.convolution_backward(
             grad_y, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
             [need_x, need_w, False])
-    need_ga = d > 0 and (need_dw or need_db or need_dc)
-    r = 1 + 2 * d + d * d
+    # without the forward's activations (no dendrite parameter needed a gradient) only the
+    # main conv's gradients are wanted: the kernel then sums no dendrite
+    dk = d if s.dim() == 5 else 0
+    need_ga = dk > 0 and (need_dw or need_db or need_dc)
+    r = 1 + 2 * dk + dk * dk
     tiles = triton.cdiv(n * ho * wo, BP)
     bc, _ = _blocks(0, c)
     part = torch.zeros((tiles, r, c), dtype=_acc_dtype(x), device=x.device)
     ga = _alloc((n, d * c, ho, wo), grad_y) if need_ga else None
-    sv = s if d else grad_y.new_empty((1, 1, 1, 1, 1))
+    sv = s if dk else grad_y.new_empty((1, 1, 1, 1, 1))
     _launch(dendritic_bwd_kernel, (tiles, triton.cdiv(c, bc)),
         grad_y, sv, d_scale, d_scale if d_cascade is None else d_cascade,
         grad_y if ga is None else ga, part, n * ho * wo, ho * wo, wo, c, c // groups,
-        *grad_y.stride(), *sv.stride(), *_strides(ga), HAS_DC=d_cascade is not None and d > 1,
-        NEED_GA=need_ga, D=d, DP=_pow2(d), R=r, BP=BP, BC=bc, ACC=_precision(x)["ACC"],
+        *grad_y.stride(), *sv.stride(), *_strides(ga), HAS_DC=d_cascade is not None and dk > 1,
+        NEED_GA=need_ga, D=dk, DP=_pow2(dk), R=r, BP=BP, BC=bc, ACC=_precision(x)["ACC"],
         num_warps=4)
     sums = _partial_sums(part).to(d_scale.dtype)
+    if dk < d:  # rows of zeros for the dendrites' (unrequested) sums
+        sums = torch.cat([sums, sums.new_zeros((2 * d + d * d, c))])
     gdw = d_weight.new_zeros(d_weight.shape)
-    if need_dw and d:
+    if need_dw and dk:
         gdw = _unstack_grad(torch.ops.aten.convolution_backward(
             ga, x, _stack_weights(list(d_weight.unbind(0)), groups), None, stride, padding,
             dilation, False, [0, 0], groups, [False, True, False])[1], d, groups)

@@ -85,6 +85,28 @@ def test_x_gradient_is_exactly_the_main_convs():
     torch.testing.assert_close(g["x"].cpu(), x.grad, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("cl", [False, True])
+def test_frozen_dendrites_save_nothing_and_x_grad_is_the_main_convs(cl):
+    """No dendrite tensor needs a gradient: the forward saves no activations and the backward
+    gives dL/dx and dL/dW of the main conv alone."""
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, device=DEV)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(3, 1, 3, 3, dtype=torch.float64, device=DEV)
+    dw = torch.randn(2, 3, 1, 3, 3, dtype=torch.float64, device=DEV)
+    ds = torch.randn(2, 3, dtype=torch.float64, device=DEV)
+    dc = torch.randn(2, 2, 3, dtype=torch.float64, device=DEV)
+    grads = []
+    for backend in ("triton", "reference"):
+        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = Fn.dendritic_conv2d(xl, wl, None, dw, None, ds, dc, padding=1, groups=3,
+                                backend=backend)
+        y.backward(torch.ones_like(y))
+        grads.append((xl.grad, wl.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_gradcheck_float64(seed):
     t, conv = random_case(seed, torch.float64, small=True)
