@@ -50,6 +50,23 @@ def test_forward_and_gradients_match_reference(seed):
         _close_grads(g, g_ref, 10 * tol if dtype == torch.float32 else tol)
 
 
+@pytest.mark.parametrize("seed", [4, 5, 17, 37])  # pointwise and depthwise, D 2-3
+def test_cudnn_conv_mode_matches_reference(seed, monkeypatch):
+    """PBP_FAST_GPU_CONV=cudnn: every conv (depthwise and pointwise too) through one stacked
+    convolution and the fused epilogue."""
+    from pbp_fast.kernels.ops import conv_mode
+    assert conv_mode(4, (4, 1, 3, 3), 4) == 0 and conv_mode(4, (8, 4, 1, 1), 1) == 1
+    monkeypatch.setenv("PBP_FAST_GPU_CONV", "cudnn")
+    assert conv_mode(4, (4, 1, 3, 3), 4) == 2 and conv_mode(4, (8, 4, 1, 1), 1) == 2
+    t, conv = random_case(seed, torch.float64, small=True)
+    gy = torch.randn_like(run(t, conv, "reference")[0])
+    y_ref, s_ref, g_ref = run(t, conv, "reference", gy)
+    y, s, g = run(_to(t), conv, "triton", gy.to(DEV))
+    torch.testing.assert_close(y.cpu(), y_ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(s.cpu(), s_ref, atol=1e-10, rtol=1e-10)
+    _close_grads(g, g_ref, 1e-10)
+
+
 @pytest.mark.parametrize("seed", [2, 5, 9])
 def test_larger_shapes_several_tiles(seed):
     """Full-size random units: several pixel and channel tiles, masks at every edge."""
