@@ -108,11 +108,9 @@ def _op(name):
     return dec
 
 
-def _alloc(shape, like, dtype=None):
+def _alloc(shape, like):
     """A new tensor in ``like``'s layout (channels_last or NCHW)."""
-    fmt = torch.channels_last if ops.is_channels_last(like) else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device).contiguous(
-        memory_format=fmt)
+    return ops._empty_like_layout(shape, like, ops.is_channels_last(like))
 
 
 @_op("pbp_fast::triton_dendritic_conv2d_fwd")

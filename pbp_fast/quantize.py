@@ -225,31 +225,23 @@ def convert_float16(model_path, out_path, *, keep_io_types: bool = True) -> Path
                 _to_half(attr.t, f"node {node.name}")
             if node.op_type == "Cast" and attr.name == "to" and attr.i == f32:
                 attr.i = f16
-    casts_in, casts_out = [], []
-    for value in graph.input:
-        if value.type.tensor_type.elem_type != f32:
-            continue
-        if keep_io_types:
-            half = value.name + "_fp16"
-            for node in graph.node:
-                node.input[:] = [half if n == value.name else n for n in node.input]
-            casts_in.append(helper.make_node("Cast", [value.name], [half], to=f16,
-                                             name=f"cast_{value.name}_to_fp16"))
-        else:
-            value.type.tensor_type.elem_type = f16
-    for value in graph.output:
-        if value.type.tensor_type.elem_type != f32:
-            continue
-        if keep_io_types:
-            half = value.name + "_fp16"
-            for node in graph.node:
-                node.output[:] = [half if n == value.name else n for n in node.output]
-                node.input[:] = [half if n == value.name else n for n in node.input]
-            casts_out.append(helper.make_node("Cast", [half], [value.name], to=f32,
-                                              name=f"cast_{value.name}_to_fp32"))
-        else:
-            value.type.tensor_type.elem_type = f16
-    nodes = casts_in + list(graph.node) + casts_out
+    casts = {False: [], True: []}  # Casts before the graph (inputs) and after it (outputs)
+    for is_out, values in ((False, graph.input), (True, graph.output)):
+        for value in values:
+            if value.type.tensor_type.elem_type != f32:
+                continue
+            if not keep_io_types:
+                value.type.tensor_type.elem_type = f16
+                continue
+            name, half = value.name, value.name + "_fp16"
+            for node in graph.node:  # the graph now reads (and writes) the float16 twin
+                node.input[:] = [half if n == name else n for n in node.input]
+                if is_out:
+                    node.output[:] = [half if n == name else n for n in node.output]
+            src, dst, to, tag = (half, name, f32, "fp32") if is_out else (name, half, f16, "fp16")
+            casts[is_out].append(helper.make_node("Cast", [src], [dst], to=to,
+                                                  name=f"cast_{name}_to_{tag}"))
+    nodes = casts[False] + list(graph.node) + casts[True]
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.value_info[:]                      # stale float32 annotations; inferred anew

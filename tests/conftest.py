@@ -33,6 +33,36 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def randomise_bn(bn):
+    """Non-trivial affine and running statistics (in place); returns bn."""
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+    return bn
+
+
+def add_random_dendrites(unit, d):
+    """d dendrites with a random cascade and random alphas (trained-looking, not alpha = 0);
+    returns the unit."""
+    for _ in range(d):
+        unit.add_dendrite(cascade=torch.randn(unit.num_dendrites, unit.out_channels))
+    with torch.no_grad():
+        for a in unit.dendrite_alpha:
+            a.uniform_(-1, 1)
+    return unit
+
+
+def train_candidates_only(model, units):
+    """The dendrite phase's trainable set: every parameter frozen but the units' candidates."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for unit in units:
+        for p in unit.candidate_parameters():
+            p.requires_grad_(True)
+
+
 class DSBlock(nn.Module):
     """Residual depthwise-separable block: x + BN(pw(relu(BN(dw(x)))))."""
 

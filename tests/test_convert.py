@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import DSBlock
+from conftest import DSBlock, randomise_bn
 
 import pbp_fast as pbp
 from pbp_fast.nn import DendriticConv2d, DendriticLinear
@@ -48,10 +48,7 @@ def _randomise_bn(model):
     torch.manual_seed(1)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
+            randomise_bn(m)
 
 
 def _pair(branchy=False):

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from pbp_fast import cli, demo
 

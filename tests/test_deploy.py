@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import add_random_dendrites, randomise_bn
 import pbp_fast as pbp
 from pbp_fast import deploy
 from pbp_fast.checkpoint import load_checkpoint
@@ -30,36 +31,17 @@ LAYERS = {  # (layer, input shape)
 }
 
 
-def _randomise_bn(bn):
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
-        bn.running_mean.uniform_(-0.2, 0.2)
-        bn.running_var.uniform_(0.5, 2.0)
-    return bn
-
-
-def _add_dendrites(unit, d):
-    """d dendrites with a random cascade and random alphas (trained-looking, not alpha = 0)."""
-    for _ in range(d):
-        unit.add_dendrite(cascade=torch.randn(unit.num_dendrites, unit.out_channels))
-    with torch.no_grad():
-        for a in unit.dendrite_alpha:
-            a.uniform_(-1, 1)
-    return unit
-
-
 def _unit(kind, d, bn=True, dtype=torch.float64):
     torch.manual_seed(0)
     make, shape = LAYERS[kind]
     layer = make().to(dtype)
     if isinstance(layer, nn.Linear):
-        norm = _randomise_bn(nn.BatchNorm1d(layer.out_features)).to(dtype) if bn else None
+        norm = randomise_bn(nn.BatchNorm1d(layer.out_features)).to(dtype) if bn else None
         unit = DendriticLinear(layer, norm)
     else:
-        norm = _randomise_bn(nn.BatchNorm2d(layer.out_channels)).to(dtype) if bn else None
+        norm = randomise_bn(nn.BatchNorm2d(layer.out_channels)).to(dtype) if bn else None
         unit = DendriticConv2d(layer, norm)
-    return _add_dendrites(unit, d), torch.randn(shape, dtype=dtype)
+    return add_random_dendrites(unit, d), torch.randn(shape, dtype=dtype)
 
 
 def _no_training_modules(model):
@@ -132,10 +114,10 @@ def _dendritic(model, seed=0):
     torch.manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            _randomise_bn(m)
+            randomise_bn(m)
     units = list(pbp.convert(model).values())
     for i, unit in enumerate(units):
-        _add_dendrites(unit, i % 3)
+        add_random_dendrites(unit, i % 3)
         with torch.no_grad():
             for a in unit.dendrite_alpha:
                 a.mul_(0.3)
@@ -159,7 +141,7 @@ def test_fold_converted_mobilenet_matches_eval(name):
 def test_fold_plain_model_folds_its_batchnorms():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False),
-                          _randomise_bn(nn.BatchNorm2d(8)), nn.ReLU(), nn.Flatten(),
+                          randomise_bn(nn.BatchNorm2d(8)), nn.ReLU(), nn.Flatten(),
                           nn.Linear(8 * 25, 4))
     x = torch.randn(2, 3, 5, 5)
     folded = deploy.fold(model)
@@ -172,7 +154,7 @@ def test_fold_errors_name_the_problem():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         deploy.fold("model")
     conv = nn.Conv2d(2, 2, 1)
-    unit = _add_dendrites(DendriticConv2d(conv, nn.BatchNorm2d(2, track_running_stats=False)), 1)
+    unit = add_random_dendrites(DendriticConv2d(conv, nn.BatchNorm2d(2, track_running_stats=False)), 1)
     with pytest.raises(ValueError, match="no running statistics"):
         deploy.fold(nn.Sequential(unit))
     # without dendrites such a BatchNorm simply stays

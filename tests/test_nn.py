@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import add_random_dendrites, randomise_bn, train_candidates_only
 import pbp_fast
 from pbp_fast import reference
 from pbp_fast.nn import DendriticConv2d, DendriticLinear
@@ -27,12 +28,7 @@ def _unit(kind, bn=True, seed=0, backend="auto"):
     torch.manual_seed(seed)
     make, shape = CONVS[kind]
     conv = make()
-    norm = nn.BatchNorm2d(conv.out_channels) if bn else None
-    if norm is not None:  # non-trivial affine and running statistics
-        norm.weight.data.uniform_(0.5, 1.5)
-        norm.bias.data.uniform_(-0.5, 0.5)
-        norm.running_mean.uniform_(-0.2, 0.2)
-        norm.running_var.uniform_(0.5, 2.0)
+    norm = randomise_bn(nn.BatchNorm2d(conv.out_channels)) if bn else None
     return conv, norm, torch.randn(shape)
 
 
@@ -40,14 +36,6 @@ def _make(conv, bn, backend):
     unit = DendriticConv2d(conv, bn)
     unit.backend = backend
     return unit
-
-
-def _randomise_dendrites(unit, d):
-    for _ in range(d):
-        unit.add_dendrite(cascade=torch.randn(unit.num_dendrites, unit.out_channels))
-    with torch.no_grad():
-        for a in unit.dendrite_alpha:
-            a.uniform_(-1, 1)
 
 
 def _manual(unit, x):
@@ -113,7 +101,7 @@ def test_linear_add_dendrite_exact_with_leading_dims():
 def test_forward_matches_the_math(kind, backend):
     conv, bn, x = _unit(kind)
     unit = _make(conv, bn, backend).eval()
-    _randomise_dendrites(unit, 3)
+    add_random_dendrites(unit, 3)
     torch.testing.assert_close(unit(x), _manual(unit, x), rtol=1e-5, atol=1e-5)
 
 
@@ -121,7 +109,7 @@ def test_linear_with_batchnorm_matches_the_math():
     torch.manual_seed(1)
     unit = DendriticLinear(nn.Linear(6, 4), nn.BatchNorm1d(4)).train()
     unit.bn.momentum = 0.0
-    _randomise_dendrites(unit, 2)
+    add_random_dendrites(unit, 2)
     x = torch.randn(8, 6)
     z = unit.bn(unit.linear(x))
     s0 = torch.sigmoid(x @ unit.dendrite_weight[0, :, :, 0, 0].T + unit.dendrite_bias[0])
@@ -136,7 +124,7 @@ def test_gradients_are_perforated_and_alpha_trains(backend):
     conv, bn, x = _unit("dense3x3")
     unit = _make(conv, bn, backend).train()
     bn.momentum = 0.0
-    _randomise_dendrites(unit, 2)
+    add_random_dendrites(unit, 2)
     assert [a.requires_grad for a in unit.dendrite_alpha] == [False, True]
     assert not unit.dendrite_weight.requires_grad and not unit.dendrite_cascade.requires_grad
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -156,7 +144,7 @@ def test_gradients_are_perforated_and_alpha_trains(backend):
 def test_fold_bn_in_eval_matches_unfolded():
     conv, bn, x = _unit("depthwise_s2")
     unit = DendriticConv2d(conv, bn).eval()
-    _randomise_dendrites(unit, 2)
+    add_random_dendrites(unit, 2)
     want = unit(x)
     unit.fold_bn = True
     torch.testing.assert_close(unit(x), want, rtol=1e-5, atol=1e-5)
@@ -169,7 +157,7 @@ def _candidate_unit(d=2, backend="auto"):
     conv, bn, x = _unit("dense3x3")
     unit = _make(conv, bn, backend).train()
     bn.momentum = 0.0
-    _randomise_dendrites(unit, d)
+    add_random_dendrites(unit, d)
     unit.start_candidate()
     for p in unit.parameters():
         p.requires_grad_(False)
@@ -339,7 +327,7 @@ def test_linear_candidate_on_leading_dims_matches_the_reference():
 def test_same_padding_and_non_finite_error_batches():
     torch.manual_seed(3)
     unit = DendriticConv2d(nn.Conv2d(3, 4, 5, padding="same", dilation=2))
-    _randomise_dendrites(unit, 1)
+    add_random_dendrites(unit, 1)
     x = torch.randn(2, 3, 9, 9)
     torch.testing.assert_close(unit(x), _manual(unit, x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="asymmetric"):
@@ -359,11 +347,7 @@ def test_dendrite_phase_with_frozen_input_and_inplace_activation():
     for unit in (first, second):
         unit.add_dendrite()
         unit.start_candidate()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for unit in (first, second):
-        for p in unit.candidate_parameters():
-            p.requires_grad_(True)
+    train_candidates_only(model, (first, second))
     model(torch.randn(2, 3, 5, 5)).square().mean().backward()
     for unit in (first, second):
         assert unit.candidate_weight.grad.abs().sum() > 0
@@ -379,11 +363,7 @@ def test_linear_candidate_trains_behind_an_inplace_activation():
     model = nn.Sequential(first, nn.Hardswish(inplace=True), second, nn.ReLU(inplace=True))
     for unit in (first, second):
         unit.start_candidate()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for unit in (first, second):
-        for p in unit.candidate_parameters():
-            p.requires_grad_(True)
+    train_candidates_only(model, (first, second))
     model(torch.randn(4, 2, 6)).square().mean().backward()
     for unit in (first, second):
         assert unit.candidate_weight.grad is not None and unit.candidate_weight.grad.abs().sum() > 0

@@ -68,6 +68,16 @@ def test_cli_reports_missing_data(tmp_path):
                   str(tmp_path / "out")])
 
 
+def _lrs(opt, sched, steps):
+    """The learning rate of each of ``steps`` optimizer steps under ``sched``."""
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
 def test_warmup_cosine_schedule_and_weight_decay_groups():
     cfg = TrainConfig(data="digits", lr=0.1, lr_warmup_epochs=2, lr_warmup_decay=0.1,
                       lr_min=0.001, weight_decay=1e-4)
@@ -76,11 +86,7 @@ def test_warmup_cosine_schedule_and_weight_decay_groups():
     assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
     assert len(opt.param_groups[0]["params"]) == 1          # only the conv weight decays
     sched = build_scheduler(opt, cfg, steps_per_epoch=10, epochs=10)
-    lrs = []
-    for _ in range(100):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = _lrs(opt, sched, 100)
     assert lrs[0] == pytest.approx(0.01) and lrs[20] == pytest.approx(0.1)
     assert all(a < b for a, b in zip(lrs[:20], lrs[1:21]))          # warmup rises
     assert all(a >= b for a, b in zip(lrs[20:], lrs[21:]))          # cosine falls
@@ -96,11 +102,7 @@ def test_constant_schedule_keeps_the_peak_rate_after_the_warmup():
                       lr_warmup_decay=0.5)
     opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=cfg.lr)
     sched = build_scheduler(opt, cfg, steps_per_epoch=4, epochs=5)
-    lrs = []
-    for _ in range(20):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = _lrs(opt, sched, 20)
     assert lrs[0] == pytest.approx(0.05)
     assert lrs[4:] == pytest.approx([0.1] * 16)
 

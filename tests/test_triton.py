@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import pbp_fast
-from conftest import DSBlock, needs_cuda, needs_triton
+from conftest import DSBlock, add_random_dendrites, needs_cuda, needs_triton
 from pbp_fast import functional as Fn
 from pbp_fast.ops import is_channels_last
 from test_candidate import candidate_case
@@ -179,11 +179,7 @@ def _dendritic_block(backend, d=2, channels=8):
     units = pbp_fast.convert(model)
     for u in units.values():
         u.backend = backend
-        for _ in range(d):
-            u.add_dendrite(cascade=torch.randn(u.num_dendrites, u.out_channels))
-        with torch.no_grad():
-            for a in u.dendrite_alpha:
-                a.uniform_(-1, 1)
+        add_random_dendrites(u, d)
     return model.to(DEV)
 
 
