@@ -5,6 +5,12 @@ small shapes: forward, activations, every gradient, the candidate pass, gradchec
 opcheck, torch.compile(fullgraph=True), autocast.  The CUDA tests at the end (skipped without a
 GPU) cover float32 / bfloat16 / float16, both layouts and every conv family at full size, the
 Inductor trace and a CUDA-graph-captured training step."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -239,6 +245,29 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="backend must be"):
         Fn.dendritic_conv2d(x, None, None, dw, None, torch.randn(1, 4, device=DEV), None,
                             groups=4, backend="cuda")
+
+
+def test_kernels_compile_for_the_h100(tmp_path):
+    """Every kernel configuration that a MobileNetV3-Small training step launches (D=1, neuron
+    and dendrite phase, bfloat16 and float32) compiles with Triton's own compiler for sm_90,
+    without a GPU (bench/kernel_resources.py; the interpreter above never compiles)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compile, do not reuse
+    out = tmp_path / "sm90.json"
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "bench" / "kernel_resources.py"), "--quick",
+                          "--json", str(out)], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["kernel"], r.get("MODE"), r["dtype"]) for r in rows} >= {
+        (k, m, dt) for dt in ("bfloat16", "float32")
+        for k, m in (("dendritic_fwd_kernel", 0), ("dendritic_fwd_kernel", 1),
+                     ("dendritic_fwd_kernel", 2), ("dendritic_bwd_kernel", None),
+                     ("candidate_kernel", 0), ("candidate_kernel", 1), ("candidate_kernel", 2))}
+    for r in rows:
+        assert 0 < r["regs"] <= 255 and r["shared_bytes"] <= 227 * 1024, r
 
 
 # -- CUDA (skipped without a GPU) ----------------------------------------------------------------
