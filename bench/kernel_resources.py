@@ -1,6 +1,7 @@
 """Compile every Triton kernel configuration that MobileNetV3-Small (CIFAR) training launches, for
 a GPU architecture (default sm_90, the H100), on a machine without a GPU, and report what the
-compiler gave each: registers per thread, bytes spilled to local memory, shared memory.
+compiler gave each: registers per thread, bytes spilled to local memory, shared memory, and the
+share of global loads and stores that are vector accesses (2 or 4 registers at once).
 
 A spill or a register count that caps occupancy is visible here before any GPU run; a kernel
 that the interpreter accepts but the GPU compiler rejects fails here.
@@ -14,7 +15,7 @@ recorder, which gives the exact kernel, arguments and meta-parameters of the GPU
 specialisation is then compiled with ``triton.compile`` for the target and the cubin's resource
 usage read with ``cuobjdump``.
 
-    python bench/kernel_resources.py [--arch 90] [--quick] [--json bench/results/sm90.json]
+    python bench/kernel_resources.py --json bench/results/sm90.json --readme README.md
 
 Must run without ``TRITON_INTERPRET`` (the interpreter has no compiler); exit status 1 when a
 configuration fails to compile.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -132,6 +134,13 @@ def _resources(cubin):
     return int(fields["REG"]), int(fields["STACK"]), int(fields["SHARED"])
 
 
+def _vector_share(ptx):
+    """Share of the global loads and stores in the PTX that move 2 or 4 registers at once."""
+    ops = re.findall(r"\b(?:ld|st)\.global(?:\.[a-z0-9]+)*", ptx)
+    vec = sum(".v2" in op or ".v4" in op for op in ops)
+    return round(vec / max(1, len(ops)), 2)
+
+
 def compile_all(launch_list, arch=90, by_meta=False):
     """Compile each distinct specialisation for ``sm_<arch>``; one row per configuration.
     ``by_meta``: one per distinct row of meta-parameters (the first launch's specialisation of
@@ -156,6 +165,7 @@ def compile_all(launch_list, arch=90, by_meta=False):
         else:
             row["regs"], row["spill_bytes"], shared = _resources(compiled.asm["cubin"])
             row["shared_bytes"] = max(shared, compiled.metadata.shared)
+            row["vector_access"] = _vector_share(compiled.asm["ptx"])
         row["compile_s"] = round(time.perf_counter() - t0, 2)
         rows.append(row)
     return rows
@@ -169,11 +179,33 @@ def cases(quick):
 
 def table(rows):
     cols = ["kernel", "dtype", *META, "num_warps", "regs", "spill_bytes", "shared_bytes",
-            "error"]
+            "vector_access", "error"]
     cols = [c for c in cols if any(c in r for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def summary(data):
+    """One line per kernel, conv mode and dtype: how many configurations, and the ranges."""
+    groups = {}
+    for r in data["rows"]:
+        groups.setdefault((r["kernel"], r.get("MODE", "-"), r["dtype"]), []).append(r)
+    lines = [f"sm_{data['arch'][3:]}, Triton {data['triton']}: {len(data['rows'])} "
+             f"configurations, {sum('error' in r for r in data['rows'])} failed to compile.", "",
+             "| kernel | mode | dtype | configs | registers | spilled bytes | shared KiB "
+             "| vector accesses |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for (kernel, mode, dtype), rs in groups.items():
+        ok = [r for r in rs if "error" not in r]
+
+        def span(key, fmt="{}"):
+            lo, hi = min(r[key] for r in ok), max(r[key] for r in ok)
+            return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}-{fmt.format(hi)}"
+        lines.append(f"| {kernel} | {mode} | {dtype} | {len(rs)} | {span('regs')} | "
+                     f"{max(r['spill_bytes'] for r in ok)} | "
+                     f"{max(r['shared_bytes'] for r in ok) / 1024:.0f} | "
+                     f"{span('vector_access', '{:.0%}')} |")
     return "\n".join(lines)
 
 
@@ -185,15 +217,24 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
                     choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--readme", help="write the summary between this file's "
+                    "<!-- bench:sm90:begin/end --> markers")
     a = ap.parse_args(argv)
     calls = op_calls(cases(a.quick))
     rows = compile_all([la for dt in a.dtypes for la in launches(calls, getattr(torch, dt))],
                        a.arch, by_meta=a.quick)
     print(table(rows))
+    data = {"arch": f"sm_{a.arch}", "triton": triton.__version__, "torch": torch.__version__,
+            "rows": rows}
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"arch": f"sm_{a.arch}", "triton": triton.__version__,
-                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump(data, f, indent=1)
+    if a.readme:
+        from report import write_between_markers  # bench/report.py
+        with open(a.readme) as f:
+            text = write_between_markers(f.read(), "sm90", summary(data))
+        with open(a.readme, "w") as f:
+            f.write(text)
     failed = [r for r in rows if "error" in r]
     print(f"{len(rows)} configurations, {len(failed)} failed to compile, "
           f"{sum(r.get('spill_bytes', 0) > 0 for r in rows)} spill")

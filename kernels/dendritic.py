@@ -22,21 +22,29 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile(P, HWo, Wo, C, BP: tl.constexpr, BC: tl.constexpr):
+def _aligned(v, VEC: tl.constexpr):
+    """v, which the launcher checked to be a multiple of VEC, in a form the compiler can see is
+    one (so that channel runs load and store as 16-byte vectors)."""
+    return v // VEC * VEC
+
+
+@triton.jit
+def _tile(P, HWo, Wo, C, BP: tl.constexpr, BC: tl.constexpr, VEC: tl.constexpr):
     """The program's output pixels p (flattened n, oh, ow) and channels c, with their masks."""
     p = tl.program_id(0) * BP + tl.arange(0, BP)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     mp = p < P
-    mc = c < C
+    mc = c < _aligned(C, VEC)
     n = (p // HWo).to(tl.int64)
     r = p % HWo
     return c, mp, mc, n, r // Wo, r % Wo
 
 
 @triton.jit
-def _offsets(n, c, oh, ow, sn, sc, sh, sw):
+def _offsets(n, c, oh, ow, sn, sc, sh, sw, VEC: tl.constexpr):
     """(pixels, channels) element offsets of a 4-D tensor with strides (sn, sc, sh, sw)."""
-    return (n * sn + oh * sh + ow * sw)[:, None] + c.to(tl.int64)[None, :] * sc
+    return (n * _aligned(sn, VEC) + oh * _aligned(sh, VEC) + ow * _aligned(sw, VEC))[:, None] \
+        + c.to(tl.int64)[None, :] * sc
 
 
 @triton.jit
@@ -51,25 +59,63 @@ def _dot(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
+def _gemm(x_ptr, w_ptr, n, oh, ow, c, mp, mc, C_in, H, W, sxn, sxc, sxh, sxw, SH, SW, PH, PW,
+          BP: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+          ACC: tl.constexpr, VEC: tl.constexpr):
+    """(BP, BC) 1x1 conv of the tile: x's pixel rows times the (C, C_in) weights at w_ptr, in
+    steps of BK input channels."""
+    ih = oh * SH - PH
+    iw = ow * SW - PW
+    ok = mp & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    row = n * _aligned(sxn, VEC) + ih * _aligned(sxh, VEC) + iw * _aligned(sxw, VEC)
+    ci = _aligned(C_in, VEC)
+    acc = tl.zeros((BP, BC), ACC)
+    for k0 in range(0, C_in, BK):
+        k = k0 + tl.arange(0, BK)
+        mk = k < ci
+        xv = tl.load(x_ptr + row[:, None] + k.to(tl.int64)[None, :] * sxc,
+                     mask=ok[:, None] & mk[None, :], other=0.0)
+        wv = tl.load(w_ptr + c[None, :] * ci + k[:, None], mask=mk[:, None] & mc[None, :],
+                     other=0.0)
+        acc = _dot(xv, wv, acc, PREC)
+    return acc
+
+
+@triton.jit
+def _stacked(z_ptr, n, oh, ow, c, m2, Cg, M, m, szn, szc, szh, szw, ACC: tl.constexpr,
+             VEC: tl.constexpr):
+    """(BP, BC) output of conv m of the M convs stacked in z (mode 2): channel (g*M + m)*Cg + cl
+    for c = (g, cl)."""
+    return tl.load(z_ptr + _offsets(n, ((c // Cg) * M + m) * Cg + c % Cg, oh, ow, szn, szc, szh,
+                                    szw, VEC), mask=m2, other=0.0).to(ACC)
+
+
+@triton.jit
 def _conv_tile(x_ptr, w_ptr, dw_ptr, z_ptr, n, oh, ow, c, mp, mc,
                C_in, H, W, C, Cg, sxn, sxc, sxh, sxw, szn, szc, szh, szw,
                SH, SW, PH, PW, DH, DW,
                MODE: tl.constexpr, HAS_W: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
-               BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    """(BP, BC) main-conv and (DP, BP, BC) dendrite pre-activations of one tile (no
-    biases).  Rows d >= D of the dendrite accumulator are zero."""
+               BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr):
+    """(BP, BC) main-conv pre-activation of one tile (no bias) and, in mode 0 only, the
+    (DP, BP, BC) dendrite pre-activations (each tap of x feeds all D + 1 convs; rows d >= D are
+    zero).  Modes 1 and 2 give the dendrites one at a time (:func:`_dendrite_pre`), so that no
+    (DP, BP, BC) accumulator lives beside the GEMM."""
     acc = tl.zeros((BP, BC), ACC)
     acc_d = tl.zeros((DP, BP, BC), ACC)
-    d = tl.arange(0, DP)
-    md = d < D
     if MODE == 0:
+        d = tl.arange(0, DP)
+        md = d < D
+        ih0 = oh * SH - PH
+        iw0 = ow * SW - PW
+        x0 = x_ptr + _offsets(n, c, ih0, iw0, sxn, sxc, sxh, sxw, VEC)  # tap (0, 0)
         for i in tl.static_range(KH):
-            ih = oh * SH - PH + i * DH
+            ih = ih0 + i * DH
+            okh = mp & (ih >= 0) & (ih < H)
             for j in tl.static_range(KW):
-                iw = ow * SW - PW + j * DW
-                ok = mp & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                xv = tl.load(x_ptr + _offsets(n, c, ih, iw, sxn, sxc, sxh, sxw),
+                iw = iw0 + j * DW
+                ok = okh & (iw >= 0) & (iw < W)
+                xv = tl.load(x0 + (i * DH * _aligned(sxh, VEC) + j * DW * _aligned(sxw, VEC)),
                              mask=ok[:, None] & mc[None, :], other=0.0).to(ACC)
                 if HAS_W:
                     wv = tl.load(w_ptr + c * (KH * KW) + (i * KW + j), mask=mc, other=0.0)
@@ -78,43 +124,36 @@ def _conv_tile(x_ptr, w_ptr, dw_ptr, z_ptr, n, oh, ow, c, mp, mc,
                     wd = tl.load(dw_ptr + d[:, None] * (C * KH * KW) + c[None, :] * (KH * KW)
                                  + (i * KW + j), mask=md[:, None] & mc[None, :], other=0.0)
                     acc_d += xv[None, :, :] * wd.to(ACC)[:, None, :]
-    elif MODE == 1:
-        ih = oh * SH - PH
-        iw = ow * SW - PW
-        ok = mp & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        row = n * sxn + ih * sxh + iw * sxw
-        for k0 in range(0, C_in, BK):
-            k = k0 + tl.arange(0, BK)
-            mk = k < C_in
-            xv = tl.load(x_ptr + row[:, None] + k.to(tl.int64)[None, :] * sxc,
-                         mask=ok[:, None] & mk[None, :], other=0.0)
-            if HAS_W:
-                wv = tl.load(w_ptr + c[None, :] * C_in + k[:, None],
-                             mask=mk[:, None] & mc[None, :], other=0.0)
-                acc = _dot(xv, wv, acc, PREC)
-            if D > 0:
-                wd = tl.load(dw_ptr + d[:, None, None] * (C * C_in) + c[None, None, :] * C_in
-                             + k[None, :, None],
-                             mask=md[:, None, None] & mk[None, :, None] & mc[None, None, :],
-                             other=0.0)
-                acc_d = _dot(tl.broadcast_to(xv[None, :, :], (DP, BP, BK)), wd, acc_d, PREC)
-    else:
-        g = c // Cg
-        cl = c % Cg
-        m2 = mp[:, None] & mc[None, :]
-        if HAS_W:  # the group's main conv, then its D dendrites
-            first = g * (D + 1)
-            acc = tl.load(z_ptr + _offsets(n, first * Cg + cl, oh, ow, szn, szc, szh, szw),
-                          mask=m2, other=0.0).to(ACC)
-            first += 1
+    elif HAS_W:
+        if MODE == 1:
+            acc = _gemm(x_ptr, w_ptr, n, oh, ow, c, mp, mc, C_in, H, W, sxn, sxc, sxh, sxw,
+                        SH, SW, PH, PW, BP, BC, BK, PREC, ACC, VEC)
         else:
-            first = g * D
-        if D > 0:
-            ch = ((first[None, :] + d[:, None]) * Cg + cl[None, :]).to(tl.int64)
-            base = (n * szn + oh * szh + ow * szw)[None, :, None]
-            acc_d = tl.load(z_ptr + base + ch[:, None, :] * szc,
-                            mask=md[:, None, None] & m2[None, :, :], other=0.0).to(ACC)
+            acc = _stacked(z_ptr, n, oh, ow, c, mp[:, None] & mc[None, :], Cg, D + 1, 0,
+                           szn, szc, szh, szw, ACC, VEC)
     return acc, acc_d
+
+
+@triton.jit
+def _dendrite_pre(k, acc_d, x_ptr, dw_ptr, z_ptr, n, oh, ow, c, mp, mc, C_in, H, W, C, Cg,
+                  sxn, sxc, sxh, sxw, szn, szc, szh, szw, SH, SW, PH, PW,
+                  MODE: tl.constexpr, HAS_W: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                  BP: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                  ACC: tl.constexpr, VEC: tl.constexpr):
+    """(BP, BC) pre-activation of dendrite k (no bias): row k of mode 0's accumulator, a GEMM
+    (mode 1) or its conv of the stack (mode 2)."""
+    if MODE == 0:
+        a = tl.sum(tl.where((tl.arange(0, DP) == k)[:, None, None], acc_d, 0.0), axis=0)
+    elif MODE == 1:
+        a = _gemm(x_ptr, dw_ptr + k * C * C_in, n, oh, ow, c, mp, mc, C_in, H, W,
+                  sxn, sxc, sxh, sxw, SH, SW, PH, PW, BP, BC, BK, PREC, ACC, VEC)
+    elif HAS_W:  # the stack is main, then the dendrites
+        a = _stacked(z_ptr, n, oh, ow, c, mp[:, None] & mc[None, :], Cg, D + 1, k + 1,
+                     szn, szc, szh, szw, ACC, VEC)
+    else:
+        a = _stacked(z_ptr, n, oh, ow, c, mp[:, None] & mc[None, :], Cg, D, k,
+                     szn, szc, szh, szw, ACC, VEC)
+    return a
 
 
 @triton.jit
@@ -125,39 +164,43 @@ def dendritic_fwd_kernel(
         ssd, ssn, ssc, ssh, ssw, SH, SW, PH, PW, DH, DW,
         MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_BASE: tl.constexpr,
         HAS_DB: tl.constexpr, HAS_DC: tl.constexpr, SAVE_S: tl.constexpr, D: tl.constexpr,
-        DP: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr,
-        BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+        DP: tl.constexpr, DS: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+        BP: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+        ACC: tl.constexpr, VEC: tl.constexpr):
     """y = base + conv(x; W) + b + sum_k alpha_k s_k,  s_k = sigmoid(conv(x; W_k) + b_k
-    + sum_{j<k} kappa_kj s_j); s is stored when SAVE_S (for the backward)."""
-    c, mp, mc, n, oh, ow = _tile(P, HWo, Wo, C, BP, BC)
+    + sum_{j<k} kappa_kj s_j); s is stored when SAVE_S (for the backward).  The cascade keeps
+    s_0 .. s_{D-2} in a (DS, BP, BC) register tile (DS >= D - 1)."""
+    c, mp, mc, n, oh, ow = _tile(P, HWo, Wo, C, BP, BC, VEC)
     m2 = mp[:, None] & mc[None, :]
     acc, acc_d = _conv_tile(x_ptr, w_ptr, dw_ptr, z_ptr, n, oh, ow, c, mp, mc, C_in, H, W, C, Cg,
                             sxn, sxc, sxh, sxw, szn, szc, szh, szw, SH, SW, PH, PW, DH, DW,
-                            MODE, HAS_W, D, DP, KH, KW, BP, BC, BK, PREC, ACC)
+                            MODE, HAS_W, D, DP, KH, KW, BP, BC, BK, PREC, ACC, VEC)
     y = acc
     if HAS_B:
         y += tl.load(b_ptr + c, mask=mc, other=0.0).to(ACC)[None, :]
     if HAS_BASE:
-        y += tl.load(base_ptr + _offsets(n, c, oh, ow, sbn, sbc, sbh, sbw), mask=m2,
+        y += tl.load(base_ptr + _offsets(n, c, oh, ow, sbn, sbc, sbh, sbw, VEC), mask=m2,
                      other=0.0).to(ACC)
-    d = tl.arange(0, DP)
-    s_all = tl.zeros((DP, BP, BC), ACC)
-    s_off = _offsets(n, c, oh, ow, ssn, ssc, ssh, ssw)
+    j = tl.arange(0, DS)
+    s_all = tl.zeros((DS, BP, BC), ACC)
+    s_off = _offsets(n, c, oh, ow, ssn, ssc, ssh, ssw, VEC)
     for k in tl.static_range(D):
-        sel = (d == k)[:, None, None]
-        a = tl.sum(tl.where(sel, acc_d, 0.0), axis=0)
+        a = _dendrite_pre(k, acc_d, x_ptr, dw_ptr, z_ptr, n, oh, ow, c, mp, mc, C_in, H, W, C,
+                          Cg, sxn, sxc, sxh, sxw, szn, szc, szh, szw, SH, SW, PH, PW,
+                          MODE, HAS_W, D, DP, BP, BC, BK, PREC, ACC, VEC)
         if HAS_DB:
             a += tl.load(db_ptr + k * C + c, mask=mc, other=0.0).to(ACC)[None, :]
         if HAS_DC and k > 0:
-            kap = tl.load(dc_ptr + k * D * C + d[:, None] * C + c[None, :],
-                          mask=(d < k)[:, None] & mc[None, :], other=0.0).to(ACC)
+            kap = tl.load(dc_ptr + k * D * C + j[:, None] * C + c[None, :],
+                          mask=(j < k)[:, None] & mc[None, :], other=0.0).to(ACC)
             a += tl.sum(kap[:, None, :] * s_all, axis=0)
         s = tl.sigmoid(a)
-        s_all = tl.where(sel, s[None, :, :], s_all)
+        if HAS_DC and k < D - 1:
+            s_all = tl.where((j == k)[:, None, None], s[None, :, :], s_all)
         y += tl.load(ds_ptr + k * C + c, mask=mc, other=0.0).to(ACC)[None, :] * s
         if SAVE_S:
-            tl.store(s_ptr + k * ssd + s_off, s.to(s_ptr.dtype.element_ty), mask=m2)
-    tl.store(y_ptr + _offsets(n, c, oh, ow, syn, syc, syh, syw), y.to(y_ptr.dtype.element_ty),
+            tl.store(s_ptr + k * _aligned(ssd, VEC) + s_off, s.to(s_ptr.dtype.element_ty), mask=m2)
+    tl.store(y_ptr + _offsets(n, c, oh, ow, syn, syc, syh, syw, VEC), y.to(y_ptr.dtype.element_ty),
              mask=m2)
 
 
@@ -166,20 +209,21 @@ def dendritic_bwd_kernel(
         g_ptr, s_ptr, ds_ptr, dc_ptr, ga_ptr, part_ptr,
         P, HWo, Wo, C, Cg, sgn, sgc, sgh, sgw, ssd, ssn, ssc, ssh, ssw, san, sac, sah, saw,
         HAS_DC: tl.constexpr, NEED_GA: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-        R: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+        R: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr,
+        VEC: tl.constexpr):
     """The perforated backward's dendrite part.  From g = dL/dy and the saved s, in reverse:
     dL/ds_k = alpha_k g + sum_{m>k} kappa_mk ga_m,  ga_k = dL/da_k = dL/ds_k s_k (1 - s_k).
     Partial rows per channel: 0 sum g (main bias); 1+k sum g s_k (alpha_k); 1+D+k sum ga_k (b_k);
     1+2D+k*D+j sum ga_k s_j for j < k (kappa_kj).  ga_k is stored at channel (g*D + k)*Cg + cl of
     the stacked grouped conv whose weight gradient gives every W_k at once."""
-    c, mp, mc, n, oh, ow = _tile(P, HWo, Wo, C, BP, BC)
+    c, mp, mc, n, oh, ow = _tile(P, HWo, Wo, C, BP, BC, VEC)
     m2 = mp[:, None] & mc[None, :]
     d = tl.arange(0, DP)
     md = d < D
-    gv = tl.load(g_ptr + _offsets(n, c, oh, ow, sgn, sgc, sgh, sgw), mask=m2,
+    gv = tl.load(g_ptr + _offsets(n, c, oh, ow, sgn, sgc, sgh, sgw, VEC), mask=m2,
                  other=0.0).to(ACC)
-    s_all = tl.load(s_ptr + d.to(tl.int64)[:, None, None] * ssd
-                    + _offsets(n, c, oh, ow, ssn, ssc, ssh, ssw)[None, :, :],
+    s_all = tl.load(s_ptr + d.to(tl.int64)[:, None, None] * _aligned(ssd, VEC)
+                    + _offsets(n, c, oh, ow, ssn, ssc, ssh, ssw, VEC)[None, :, :],
                     mask=md[:, None, None] & m2[None, :, :], other=0.0).to(ACC)
     part = part_ptr + tl.program_id(0).to(tl.int64) * (R * C)
     tl.store(part + c, tl.sum(gv, axis=0), mask=mc)
@@ -206,8 +250,8 @@ def dendritic_bwd_kernel(
                 tl.store(part + (1 + 2 * D + k * D + d[:, None]) * C + c[None, :],
                          tl.sum(ga[None, :, :] * s_all, axis=1),
                          mask=(d < k)[:, None] & mc[None, :])
-            tl.store(ga_ptr + _offsets(n, (grp * D + k) * Cg + cl, oh, ow, san, sac, sah, saw),
-                     ga.to(ga_ptr.dtype.element_ty), mask=m2)
+            tl.store(ga_ptr + _offsets(n, (grp * D + k) * Cg + cl, oh, ow, san, sac, sah, saw,
+                                       VEC), ga.to(ga_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -218,29 +262,30 @@ def candidate_kernel(
         san, sac, sah, saw, SH, SW, PH, PW, DH, DW,
         MODE: tl.constexpr, HAS_B: tl.constexpr, DC: tl.constexpr, DCP: tl.constexpr,
         R: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr,
-        BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+        BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+        VEC: tl.constexpr):
     """One candidate's pass: v = sigmoid(conv(x; W_c) + b_c + sum_j kappa_j s_j), e = dL/dy.
     Partial rows per channel: 0..3 sums of v, e, v e, e e; 4 sum ga (b_c); 5+j sum ga s_j
     (kappa_j), where ga = dL_c/da = -sign (e - mean_e) / n * v (1 - v) is also stored for the
     weight gradient."""
-    c, mp, mc, n, oh, ow = _tile(P, HWo, Wo, C, BP, BC)
+    c, mp, mc, n, oh, ow = _tile(P, HWo, Wo, C, BP, BC, VEC)
     m2 = mp[:, None] & mc[None, :]
     acc, _ = _conv_tile(x_ptr, w_ptr, w_ptr, z_ptr, n, oh, ow, c, mp, mc, C_in, H, W, C, C,
                         sxn, sxc, sxh, sxw, szn, szc, szh, szw, SH, SW, PH, PW, DH, DW,
-                        MODE, True, 0, 1, KH, KW, BP, BC, BK, PREC, ACC)
+                        MODE, True, 0, 1, KH, KW, BP, BC, BK, PREC, ACC, VEC)
     if HAS_B:
         acc += tl.load(b_ptr + c, mask=mc, other=0.0).to(ACC)[None, :]
     j = tl.arange(0, DCP)
     s_all = tl.zeros((DCP, BP, BC), ACC)
     if DC > 0:
-        s_all = tl.load(s_ptr + j.to(tl.int64)[:, None, None] * ssd
-                        + _offsets(n, c, oh, ow, ssn, ssc, ssh, ssw)[None, :, :],
+        s_all = tl.load(s_ptr + j.to(tl.int64)[:, None, None] * _aligned(ssd, VEC)
+                        + _offsets(n, c, oh, ow, ssn, ssc, ssh, ssw, VEC)[None, :, :],
                         mask=(j < DC)[:, None, None] & m2[None, :, :], other=0.0).to(ACC)
         kap = tl.load(cc_ptr + j[:, None] * C + c[None, :], mask=(j < DC)[:, None] & mc[None, :],
                       other=0.0).to(ACC)
         acc += tl.sum(kap[:, None, :] * s_all, axis=0)
     v = tl.where(m2, tl.sigmoid(acc), 0.0)
-    e = tl.load(e_ptr + _offsets(n, c, oh, ow, sen, sec, seh, sew), mask=m2,
+    e = tl.load(e_ptr + _offsets(n, c, oh, ow, sen, sec, seh, sew, VEC), mask=m2,
                 other=0.0).to(ACC)
     mean_e = tl.load(me_ptr + c, mask=mc, other=0.0).to(ACC)
     sign = tl.load(sg_ptr + c, mask=mc, other=0.0).to(ACC)
@@ -254,5 +299,5 @@ def candidate_kernel(
     if DC > 0:
         tl.store(part + (5 + j[:, None]) * C + c[None, :], tl.sum(ga[None, :, :] * s_all, axis=1),
                  mask=(j < DC)[:, None] & mc[None, :])
-    tl.store(ga_ptr + _offsets(n, c, oh, ow, san, sac, sah, saw),
+    tl.store(ga_ptr + _offsets(n, c, oh, ow, san, sac, sah, saw, VEC),
              ga.to(ga_ptr.dtype.element_ty), mask=m2)

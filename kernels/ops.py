@@ -14,6 +14,7 @@ What each op launches:
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -48,9 +49,15 @@ def _pow2(n):
     return max(1, triton.next_power_of_2(n))
 
 
-def _blocks(mode, c):
-    """(channels per program, input channels per GEMM step)."""
-    return min(64 if mode == 1 else 32, max(16, _pow2(c))), 32
+def _blocks(mode, c, d=0):
+    """(channels per program, input channels per GEMM step, warps) for a tile of BP pixels of a
+    conv of ``mode`` with ``c`` output channels and ``d`` dendrite tiles held beside it.  Eight
+    warps keep each thread at 8-16 tile elements: bench/kernel_resources.py shows that every
+    MobileNetV3-Small configuration then compiles for sm_90 without spilling, at <= 160
+    registers (four warps with 64-channel tiles spilled up to 5.9 KB a thread).  Pointwise
+    GEMM tiles are 64 channels wide unless two or more dendrite tiles live beside them."""
+    wide = mode == 1 and d < 2
+    return min(64 if wide else 32, max(16, _pow2(c))), 32, 8
 
 
 def _precision(x):
@@ -61,6 +68,32 @@ def _precision(x):
     if ops.triton_interpreted() and x.dtype == torch.bfloat16:
         return dict(PREC="upcast", ACC=acc)
     return dict(PREC="tf32" if tf32 else "ieee", ACC=acc)
+
+
+def _vec(channels, *tensors):
+    """Elements per 16-byte access along the channels: the largest power of two that divides
+    every count in ``channels`` and every stride (of a dimension longer than 1) but the channel
+    stride of the 4-D (N, C, H, W) / 5-D (D, N, C, H, W) ``tensors``; 1 unless all of them are
+    channels-last (channel stride 1).  The kernels state it to the compiler (``_aligned``)."""
+    tensors = [t for t in tensors if t is not None and t.dim() >= 4]
+    g = 0
+    for t in tensors:
+        cdim = t.dim() - 3
+        if t.stride(cdim) != 1:
+            return 1
+        g = math.gcd(g, *(st for i, (st, size) in enumerate(zip(t.stride(), t.shape))
+                          if i != cdim and size > 1))
+    g = math.gcd(g, *channels)
+    v = 16 // tensors[0].element_size()
+    while g % v:
+        v //= 2
+    return v
+
+
+def _read_x(mode, c, c_in, x):
+    """The channel counts and x, for :func:`_vec`, when the kernel reads x (modes 0 and 1; in
+    mode 2 it reads the stacked conv's output)."""
+    return ((c, c_in), x) if mode < 2 else ((c,), None)
 
 
 def _acc_dtype(x):
@@ -130,7 +163,7 @@ def dendritic_conv2d_fwd(
         z = torch.nn.functional.conv2d(
             x, _stack_weights(([weight] if weight is not None else []) + list(d_weight.unbind(0)),
                               groups), None, stride, padding, dilation, groups)
-    bc, bk = _blocks(mode, c)
+    bc, bk, warps = _blocks(mode, c, d)
     ss = s.stride() if save_s and d else (0,) * 5
     _launch(dendritic_fwd_kernel, (triton.cdiv(n * ho * wo, BP), triton.cdiv(c, bc)),
         x, x if weight is None else weight, x if bias is None else bias,
@@ -141,8 +174,9 @@ def dendritic_conv2d_fwd(
         *stride, *padding, *dilation,
         MODE=mode, HAS_W=weight is not None, HAS_B=bias is not None, HAS_BASE=base is not None,
         HAS_DB=d_bias is not None, HAS_DC=d_cascade is not None and d > 1,
-        SAVE_S=save_s and d > 0, D=d, DP=_pow2(d), KH=wshape[2], KW=wshape[3], BP=BP, BC=bc,
-        BK=bk, **_precision(x), num_warps=4)
+        SAVE_S=save_s and d > 0, D=d, DP=_pow2(d), DS=_pow2(d - 1), KH=wshape[2], KW=wshape[3],
+        BP=BP, BC=bc, BK=bk, **_precision(x), VEC=_vec(*_read_x(mode, c, c_in, x), z, y, base, s),
+        num_warps=warps)
     return y, s
 
 
@@ -181,7 +215,7 @@ def dendritic_conv2d_bwd(
     need_ga = dk > 0 and (need_dw or need_db or need_dc)
     r = 1 + 2 * dk + dk * dk
     tiles = triton.cdiv(n * ho * wo, BP)
-    bc, _ = _blocks(0, c)
+    bc, _, warps = _blocks(0, c)
     part = torch.zeros((tiles, r, c), dtype=_acc_dtype(x), device=x.device)
     ga = _alloc((n, d * c, ho, wo), grad_y) if need_ga else None
     sv = s if dk else grad_y.new_empty((1, 1, 1, 1, 1))
@@ -190,7 +224,7 @@ def dendritic_conv2d_bwd(
         grad_y if ga is None else ga, part, n * ho * wo, ho * wo, wo, c, c // groups,
         *grad_y.stride(), *sv.stride(), *_strides(ga), HAS_DC=d_cascade is not None and dk > 1,
         NEED_GA=need_ga, D=dk, DP=_pow2(dk), R=r, BP=BP, BC=bc, ACC=_precision(x)["ACC"],
-        num_warps=4)
+        VEC=_vec((c,), grad_y, s, ga), num_warps=warps)
     sums = _partial_sums(part).to(d_scale.dtype)
     if dk < d:  # rows of zeros for the dendrites' (unrequested) sums
         sums = torch.cat([sums, sums.new_zeros((2 * d + d * d, c))])
@@ -220,7 +254,7 @@ def candidate_pass(
     if mode == 2:
         z = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
     r = 5 + dc
-    bc, bk = _blocks(mode, c)
+    bc, bk, warps = _blocks(mode, c, dc)
     tiles = triton.cdiv(n * ho * wo, BP)
     part = torch.zeros((tiles, r, c), dtype=_acc_dtype(x), device=x.device)
     ga = _alloc((n, c, ho, wo), e)
@@ -231,7 +265,8 @@ def candidate_pass(
         *x.stride(), *_strides(z), *sv.stride(), *e.stride(), *ga.stride(),
         *stride, *padding, *dilation, MODE=mode, HAS_B=bias is not None, DC=dc, DCP=_pow2(dc),
         R=r, KH=weight.shape[2], KW=weight.shape[3], BP=BP, BC=bc, BK=bk,
-        **_precision(x), num_warps=4)
+        **_precision(x), VEC=_vec(*_read_x(mode, c, c_in, x), z, sv if dc else None, e, ga),
+        num_warps=warps)
     sums = _partial_sums(part)
     gw = torch.ops.aten.convolution_backward(ga, x, weight, None, stride, padding, dilation,
                                              False, [0, 0], groups, [False, True, False])[1]

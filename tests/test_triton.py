@@ -73,6 +73,43 @@ def test_cudnn_conv_mode_matches_reference(seed, monkeypatch):
     _close_grads(g, g_ref, 1e-10)
 
 
+@pytest.mark.parametrize("kind", ["depthwise", "pointwise"])
+def test_channel_vectors_match_reference(kind):
+    """Channels-last units with channel counts that are multiples of 8 but not of 16 (as in
+    MobileNet): the kernels are told that channel runs are aligned (VEC > 1), so loads, stores
+    and the channel masks work on 16-byte vectors; a partial channel tile and partial pixel tile
+    included.  NCHW gets VEC = 1."""
+    from pbp_fast.kernels.ops import _vec
+    c, cin = (24, 24) if kind == "depthwise" else (40, 24)
+    k, groups = (3, 24) if kind == "depthwise" else (1, 1)
+    x = torch.randn(2, cin, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    t = dict(x=x, weight=torch.randn(c, cin // groups, k, k, dtype=torch.float64) / k,
+             bias=torch.randn(c, dtype=torch.float64), d_weight=torch.randn(
+                 2, c, cin // groups, k, k, dtype=torch.float64) / k,
+             d_bias=torch.randn(2, c, dtype=torch.float64),
+             d_scale=torch.randn(2, c, dtype=torch.float64),
+             d_cascade=torch.randn(2, 2, c, dtype=torch.float64), base=None)
+    conv = dict(stride=1, padding=k // 2, dilation=1, groups=groups)
+    assert _vec((c, cin), x) == 2 and _vec((c, cin), x.contiguous()) == 1  # float64: 2 a vector
+    assert _vec((c, cin), x.float()) == 4 and _vec((c, cin), x.bfloat16()) == 8
+    assert _vec((c, 20), x.bfloat16()) == 4
+    gy = torch.randn_like(run(t, conv, "reference")[0])
+    y_ref, s_ref, g_ref = run(t, conv, "reference", gy)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        y, s, g = run(_to(t, dtype=dtype), conv, "triton", gy.to(DEV, dtype))
+        torch.testing.assert_close(y.cpu().double(), y_ref, atol=tol, rtol=tol)
+        torch.testing.assert_close(s.cpu().double(), s_ref, atol=tol, rtol=tol)
+        _close_grads({n: v.double() for n, v in g.items()}, g_ref, 10 * tol)
+    args = (x, t["weight"], t["bias"], torch.randn(2, c, dtype=torch.float64), s_ref,
+            gy.contiguous(memory_format=torch.channels_last),
+            torch.randn(c, dtype=torch.float64), torch.sign(torch.randn(c, dtype=torch.float64)))
+    ref = Fn.candidate_pass(*args, backend="reference", **conv)
+    out = Fn.candidate_pass(*(a.to(DEV) for a in args), backend="triton", **conv)
+    for name, a, b in zip(("stats", "grad_weight", "grad_bias", "grad_cascade"), out, ref):
+        torch.testing.assert_close(a.cpu().to(b.dtype), b, atol=1e-10 * (1 + b.abs().max()),
+                                   rtol=1e-10, msg=name)
+
+
 @pytest.mark.parametrize("seed", [2, 5, 9])
 def test_larger_shapes_several_tiles(seed):
     """Full-size random units: several pixel and channel tiles, masks at every edge."""
