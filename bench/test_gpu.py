@@ -10,6 +10,8 @@ against the device's copy bandwidth, measured in the same run.
   extra_info["copy_fraction"] the fused kernel's fraction of the copy's (goal >= 0.8).
 * every op of bench/test_ops.py (dw 3x3, pw 1x1, dense 3x3; forward, forward+backward and the
   candidate pass) in bfloat16 on the GPU: "triton" against "reference".
+* ``tile sweep``: the same units' forward and forward+backward under each tile candidate of
+  ``TILES``, for choosing the kernels' defaults.
 """
 import pytest
 import torch
@@ -124,3 +126,37 @@ def test_candidate_pass(benchmark, name, d, path):
     benchmark.extra_info["path"] = path
     benchmark.pedantic(_timed(lambda: Fn.candidate_pass(*args, **conv, backend=path)),
                        rounds=20, warmup_rounds=2)
+
+
+TILES = [(32, 4), (64, 4), (32, 8), (64, 8)]  # (channels per program cap, warps)
+
+
+@pytest.mark.parametrize("tile", ["reference"] + TILES, ids=str)
+@pytest.mark.parametrize("op", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("d", [1, 3])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_tile_sweep(benchmark, monkeypatch, name, d, op, tile):
+    """Tile candidates for the Triton kernels (``kernels.ops._blocks``: channels per program,
+    warps; 64 pixels), each against the reference in the same group: the measurement that the
+    defaults, chosen so far from the compiler's register report (bench/kernel_resources.py),
+    wait for."""
+    from pbp_fast.kernels import ops as kops
+    if tile != "reference":
+        bc, warps = tile
+        monkeypatch.setattr(kops, "_blocks", lambda mode, c, dd=0: (
+            min(bc, max(16, kops._pow2(c))), 32, warps))
+    x, t, conv = _gpu_unit(name, d)
+    path = "reference" if tile == "reference" else "triton"
+    benchmark.group = f"gpu tiles {name} {op} D={d}"
+    benchmark.extra_info["path"] = "reference" if tile == "reference" else \
+        f"BC<={tile[0]}, {tile[1]} warps"
+    if op == "fwd":
+        with torch.no_grad():
+            benchmark.pedantic(_timed(lambda: Fn.dendritic_conv2d(x, **t, **conv, backend=path)),
+                               rounds=20, warmup_rounds=2)
+        return
+    x.requires_grad_()
+    for v in t.values():
+        v.requires_grad_()
+    benchmark.pedantic(_timed(lambda: Fn.dendritic_conv2d(x, **t, **conv, backend=path).float()
+                              .sum().backward()), rounds=20, warmup_rounds=2)
