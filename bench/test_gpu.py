@@ -81,33 +81,31 @@ def _gpu_unit(name, d):
             {k: v.to("cuda", torch.bfloat16) for k, v in t.items()}, conv)
 
 
+def _unit_step(name, d, op, path):
+    """The timed call of a unit's forward ("fwd", no grad) or forward + backward ("fwd+bwd")."""
+    x, t, conv = _gpu_unit(name, d)
+    if op == "fwd":
+        def step():
+            with torch.no_grad():
+                Fn.dendritic_conv2d(x, **t, **conv, backend=path)
+    else:
+        x.requires_grad_()
+        for v in t.values():
+            v.requires_grad_()
+
+        def step():
+            Fn.dendritic_conv2d(x, **t, **conv, backend=path).float().sum().backward()
+    return _timed(step)
+
+
 @pytest.mark.parametrize("path", ["reference", "triton"])
+@pytest.mark.parametrize("op", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("d", [1, 3])
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_forward(benchmark, name, d, path):
-    x, t, conv = _gpu_unit(name, d)
-    benchmark.group = f"gpu dendritic_conv2d fwd {name} D={d}"
+def test_unit(benchmark, name, d, op, path):
+    benchmark.group = f"gpu dendritic_conv2d {op} {name} D={d}"
     benchmark.extra_info["path"] = path
-    with torch.no_grad():
-        benchmark.pedantic(_timed(lambda: Fn.dendritic_conv2d(x, **t, **conv, backend=path)),
-                           rounds=20, warmup_rounds=2)
-
-
-@pytest.mark.parametrize("path", ["reference", "triton"])
-@pytest.mark.parametrize("d", [1, 3])
-@pytest.mark.parametrize("name", list(SHAPES))
-def test_forward_backward(benchmark, name, d, path):
-    x, t, conv = _gpu_unit(name, d)
-    x.requires_grad_()
-    for v in t.values():
-        v.requires_grad_()
-    benchmark.group = f"gpu dendritic_conv2d fwd+bwd {name} D={d}"
-    benchmark.extra_info["path"] = path
-
-    def step():
-        Fn.dendritic_conv2d(x, **t, **conv, backend=path).float().sum().backward()
-
-    benchmark.pedantic(_timed(step), rounds=20, warmup_rounds=2)
+    benchmark.pedantic(_unit_step(name, d, op, path), rounds=20, warmup_rounds=2)
 
 
 @pytest.mark.parametrize("path", ["reference", "triton"])
@@ -145,18 +143,8 @@ def test_tile_sweep(benchmark, monkeypatch, name, d, op, tile):
         bc, warps = tile
         monkeypatch.setattr(kops, "_blocks", lambda mode, c, dd=0: (
             min(bc, max(16, kops._pow2(c))), 32, warps))
-    x, t, conv = _gpu_unit(name, d)
-    path = "reference" if tile == "reference" else "triton"
     benchmark.group = f"gpu tiles {name} {op} D={d}"
     benchmark.extra_info["path"] = "reference" if tile == "reference" else \
         f"BC<={tile[0]}, {tile[1]} warps"
-    if op == "fwd":
-        with torch.no_grad():
-            benchmark.pedantic(_timed(lambda: Fn.dendritic_conv2d(x, **t, **conv, backend=path)),
-                               rounds=20, warmup_rounds=2)
-        return
-    x.requires_grad_()
-    for v in t.values():
-        v.requires_grad_()
-    benchmark.pedantic(_timed(lambda: Fn.dendritic_conv2d(x, **t, **conv, backend=path).float()
-                              .sum().backward()), rounds=20, warmup_rounds=2)
+    path = "reference" if tile == "reference" else "triton"
+    benchmark.pedantic(_unit_step(name, d, op, path), rounds=20, warmup_rounds=2)
