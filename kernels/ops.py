@@ -235,9 +235,11 @@ def dendritic_conv2d_bwd(
             dilation, False, [0, 0], groups, [False, True, False])[1], d, groups)
     grads = (gx, gw, sums[0] if weight is not None else None, gdw, sums[1 + d:1 + 2 * d],
              sums[1:1 + d], sums[1 + 2 * d:].view(d, d, c))
-    # unrequested gradients are distinct empty tensors (outputs may not alias each other)
-    return tuple(g.clone() if need and g is not None else x.new_empty(0)
-                 for need, g in zip(output_mask, grads))
+    # unrequested gradients are distinct empty tensors (outputs may not alias each other);
+    # grad_x has x's layout, the parameters' gradients are contiguous (as the fakes say)
+    return tuple(g.clone(memory_format=torch.preserve_format if i == 0 else
+                         torch.contiguous_format) if need and g is not None else x.new_empty(0)
+                 for i, (need, g) in enumerate(zip(output_mask, grads)))
 
 
 @_op("pbp_fast::triton_candidate_pass")
@@ -270,7 +272,7 @@ def candidate_pass(
     sums = _partial_sums(part)
     gw = torch.ops.aten.convolution_backward(ga, x, weight, None, stride, padding, dilation,
                                              False, [0, 0], groups, [False, True, False])[1]
-    return (sums[:4].float(), gw, sums[4].to(weight.dtype, copy=True),
+    return (sums[:4].float(), gw.contiguous(), sums[4].to(weight.dtype, copy=True),
             sums[5:].to(weight.dtype, copy=True))
 
 

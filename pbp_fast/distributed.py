@@ -10,8 +10,9 @@ What stays identical on every rank, and how:
 - Neuron phase: ``wrap`` returns ``DistributedDataParallel(model)`` over the trainable
   parameters (the main layers and the newest alpha), so DDP averages their gradients.
 - Dendrite phase: everything but the candidates is frozen and the candidates' gradients come
-  from the units' backward hooks, not from autograd, so DDP would have nothing to reduce: ``wrap``
-  returns the model itself and attaches a :class:`CandidateSync` to its units.  Each hook hands
+  from the units' candidate passes in the backward, not from the loss's gradient, so DDP's
+  reduction does not apply: ``wrap`` returns the model itself and attaches a
+  :class:`CandidateSync` to its units.  Each unit's backward hands
   its batch sums (v, e, v e, e e per channel), its position count and its candidate gradients to
   it; at the end of the backward pass one all-reduce combines those of all units and ranks, and
   every unit applies the same update (running statistics, ``.grad``, snapshot) on every rank.
@@ -231,7 +232,7 @@ def wrap(model: nn.Module, *, group=None, **ddp_kwargs) -> nn.Module:
     sync = CandidateSync(units, group)
     for u in units:
         u.candidate_sync = sync
-    if not trainable:  # the dendrite phase: the candidates' gradients come from the hooks
+    if not trainable:  # the dendrite phase: the candidates' gradients come from the units
         return model
     return DistributedDataParallel(model, process_group=group, init_sync=False, **ddp_kwargs)
 
@@ -239,7 +240,7 @@ def wrap(model: nn.Module, *, group=None, **ddp_kwargs) -> nn.Module:
 class CandidateSync:
     """The candidates of one wrapped model, kept identical across the ranks of ``group``.
 
-    Each unit's backward hook calls :meth:`add` with its batch sums (4, C), its number of
+    Each unit's backward calls :meth:`add` with its batch sums (4, C), its number of
     positions n and its candidate gradients; the first call of a backward pass queues
     :meth:`_reduce` to run when that pass ends.  There one all-reduce sums, per unit, the sums,
     n and n x gradients over the ranks (a unit that did not run on a rank adds zeros), and every

@@ -8,27 +8,29 @@ dendrites and, during the dendrite phase, one candidate dendrite.  DESIGN.md "Ma
 With D = 0 and no candidate the unit returns z itself, so a converted model computes exactly what
 it did.  A new dendrite starts with alpha = 0, which adds exact zeros.
 
-Candidate training (dendrite phase): the forward saves x and the s_k, and a hook on y receives
-e = dL/dy from the ordinary backward pass.  The hook runs the fused candidate pass
+Candidate training (dendrite phase): y comes out of an autograd.Function (``_CandidateTap``)
+that saves x and the s_k; its backward receives e = dL/dy from the ordinary backward pass, hands
+it on to z and runs the fused candidate pass
 (``functional.candidate_pass``) for v = sigmoid(conv(x~; W_c, b_c) + sum_j kappa_c[j] s_j),
 updates the running means of (v, e, v*e, e*e) (cumulative for ``warmup_batches`` batches, then an
-EMA with ``stats_momentum``), and accumulates into the candidate's ``.grad`` the gradient of
+EMA with ``stats_momentum``), and returns to autograd, which accumulates it into the
+candidate's ``.grad``, the gradient of
 
     L_c = -sum_p sign(C_c) * (e_p - mean_e_c) * v_p / n,   C_c = cov(v_c, e_c) / std(e_c)
 
 so the user's optimizer trains the candidate.  Score = sum_c |C_c|; the candidate weights are
 snapshotted whenever the score beats the best by more than ``snapshot_threshold`` (relative).
-Everything in the hook is tensor ops on the device (no host synchronisation).
+Everything in that backward is tensor ops on the device (no host synchronisation), so
+``torch.compile(fullgraph=True)`` traces the dendrite phase too.
 
 Under ``torch.distributed`` (:func:`pbp_fast.distributed.wrap` sets ``unit.candidate_sync``) the
-hook hands its per-batch sums and gradients to that object instead, which all-reduces those of
+backward hands its per-batch sums and gradients to that object instead, which all-reduces those of
 every unit once per backward pass and then applies the same update on every rank.
 
 A Linear layer is a 1x1 conv on (M, Cin, 1, 1) with M = all leading dimensions.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -77,7 +79,6 @@ class DendriticUnit(nn.Module):
     """
 
     warmup_batches: int = 10        # K: cumulative running means for the first K batches
-    _output_is_view: bool = False   # forward returns a view of the fused op's output
     stats_momentum: float = 0.99    # then an EMA with this momentum
     snapshot_threshold: float = 0.10  # snapshot the candidate when its score improves by > 10 %
 
@@ -212,25 +213,22 @@ class DendriticUnit(nn.Module):
             raise RuntimeError("candidate_correlation: this unit has no candidate")
         return reference.correlation(self.candidate_stats)
 
-    def _watch(self, x, y, s):
-        """Make y require grad (so that backward reaches this unit even when every parameter is
-        frozen) and hook the candidate pass onto its gradient."""
+    def _candidate_output(self, x, z):
+        """y (the trained dendrites added to z) through :class:`_CandidateTap`, so that the
+        backward pass trains the candidate."""
         if self.candidate_sync is None and _world_size() > 1:
             raise RuntimeError(
                 "this process is one of several torch.distributed ranks, but the model was not "
                 "prepared with pbp_fast.distributed.wrap(model): the candidates' statistics and "
                 "gradients would differ between ranks")
-        if not y.requires_grad:  # a non-leaf, so that in-place ops after the unit still work
-            y = y.detach().requires_grad_().clone()
-        elif self._output_is_view:  # (a Linear's reshaped output) an in-place op would rebase it
-            y = y.clone()
-        y.register_hook(functools.partial(self._candidate_step, x.detach(), s))
-        return y
+        dt = z.dtype
+        return _CandidateTap.apply(self, z, x.detach(), _as(self.candidate_weight, dt),
+                                   _as(self.candidate_bias, dt), _as(self.candidate_cascade, dt))
 
     @torch.no_grad()
     def _candidate_step(self, x, s, e):
-        if self._output_is_view:  # a Linear's (..., Cout) error as (M, Cout, 1, 1)
-            e = e.reshape(-1, e.shape[-1], 1, 1)
+        """The candidate pass for one batch's error e = dL/dy.  Returns the candidate's
+        gradients, or None when ``candidate_sync`` applies them once the backward pass ends."""
         dt = x.dtype
         sync = self.candidate_sync
         corr = reference.correlation(self.candidate_stats)
@@ -251,17 +249,29 @@ class DendriticUnit(nn.Module):
             s if d else None, e, mean_e, sign, **self._conv_kw, backend=self.backend)
         n = e.numel() // e.shape[1]
         if sync is None:
-            self._update_candidate(stats, n, gw, gb, gc)
-        else:  # rows (v, e, v e, e e) of the pass's sums, for the error e / w
-            stats[1:3] /= sync.world_size
-            stats[3] /= sync.world_size ** 2
-            sync.add(self, stats, n, (gw, gb, gc))
+            self._update_statistics(stats, n)
+            return gw, gb, gc
+        # rows (v, e, v e, e e) of the pass's sums, for the error e / w
+        stats[1:3] /= sync.world_size
+        stats[3] /= sync.world_size ** 2
+        sync.add(self, stats, n, (gw, gb, gc))
+        return None
 
     @torch.no_grad()
     def _update_candidate(self, stats, n, gw, gb, gc):
+        """:meth:`_update_statistics`, and accumulate the candidate's gradients (the
+        distributed path, which applies them itself)."""
+        _accumulate_grad(self.candidate_weight, gw)
+        _accumulate_grad(self.candidate_bias, gb)
+        if self.num_dendrites:
+            _accumulate_grad(self.candidate_cascade, gc)
+        self._update_statistics(stats, n)
+
+    @torch.no_grad()
+    def _update_statistics(self, stats, n):
         """Fold one batch's sums ``stats`` over ``n`` positions (an int or a 0-dim tensor) into
-        the running statistics, accumulate the candidate's gradients and take a snapshot when
-        the score improved.  Tensor ops only (no host synchronisation)."""
+        the running statistics and take a snapshot when the score improved.  Tensor ops only
+        (no host synchronisation)."""
         new = reference.update_running_stats(
             self.candidate_stats, self.candidate_count, self.candidate_batches, stats, n,
             self.warmup_batches, self.stats_momentum)
@@ -272,10 +282,6 @@ class DendriticUnit(nn.Module):
                                self.candidate_batches), new):
             buf.copy_(torch.where(ok, value, buf))
         mean, batches = self.candidate_stats, self.candidate_batches
-        _accumulate_grad(self.candidate_weight, gw)
-        _accumulate_grad(self.candidate_bias, gb)
-        if self.num_dendrites:
-            _accumulate_grad(self.candidate_cascade, gc)
         score = reference.correlation(mean).abs().sum()
         better = (batches >= self.warmup_batches) & (
             score > self.candidate_best_score * (1.0 + self.snapshot_threshold))
@@ -317,20 +323,21 @@ class DendriticUnit(nn.Module):
                 and self.bn.running_var is not None and not cand):
             return self._folded_forward(x)
         z = self._main(x)
-        d = self.num_dendrites
-        if d == 0 and not cand:
+        if self.num_dendrites == 0 and not cand:
             return z
         x4, z4 = self._to_4d(x, z)
         x4 = _as(x4, z4.dtype)
-        if d:
-            y4, s = functional.dendritic_conv2d_with_s(
-                x4, None, None, *self._dendrites(z4.dtype), **self._conv_kw, base=z4,
-                save_s=cand, backend=self.backend)
+        if cand:
+            y4 = self._candidate_output(x4, z4)
         else:
-            y4, s = z4, None
-        y = self._from_4d(y4, z)
-        # the hook goes on the tensor handed on, so in-place ops after the unit keep it
-        return self._watch(x4, y, s) if cand else y
+            y4 = self._dendrite_output(x4, z4, save_s=False)[0]
+        return self._from_4d(y4, z)
+
+    def _dendrite_output(self, x, z, save_s):
+        """(y, s): z plus the trained dendrites of x, and their activations if ``save_s``."""
+        return functional.dendritic_conv2d_with_s(
+            x, None, None, *self._dendrites(z.dtype), **self._conv_kw, base=z, save_s=save_s,
+            backend=self.backend)
 
     def _folded_forward(self, x):
         w, b = self.folded_weight_bias()
@@ -366,6 +373,35 @@ class DendriticUnit(nn.Module):
 def _world_size() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _CandidateTap(torch.autograd.Function):
+    """A unit's output in the dendrite phase, y = z + sum_k alpha_k s_k (z itself, copied, with
+    no trained dendrite), through which its candidate trains.  The backward hands e = dL/dy on
+    to z unchanged (the network trains no dendrite here and x~ is detached), runs the candidate
+    pass on e, updates the running statistics and returns the candidate's gradients, which
+    autograd accumulates into their ``.grad``.  Being an autograd.Function rather than a tensor
+    hook, it is traced by ``torch.compile(fullgraph=True)``; the buffers it updates are
+    mutated in the backward graph."""
+
+    @staticmethod
+    def forward(ctx, unit, z, x, weight, bias, cascade):
+        if unit.num_dendrites:
+            y, s = unit._dendrite_output(x, z, save_s=True)
+        else:
+            y, s = z.clone(), None
+        ctx.unit = unit
+        ctx.save_for_backward(x, s)
+        return y
+
+    @staticmethod
+    def backward(ctx, e):
+        x, s = ctx.saved_tensors
+        grads = ctx.unit._candidate_step(x, s, e)
+        if grads is None:  # candidate_sync applies them when the backward pass ends
+            return None, e, None, None, None, None
+        gw, gb, gc = grads
+        return None, e, None, gw.view(ctx.unit._weight_shape), gb, gc if s is not None else None
 
 
 def _pair(v):
@@ -424,8 +460,6 @@ def _same_padding(conv):
 class DendriticLinear(DendriticUnit):
     """A dendritic unit around an ``nn.Linear`` and an optional ``nn.BatchNorm1d`` on its output,
     computed as a 1x1 conv over all leading dimensions.  Kept as ``.linear`` and ``.bn``."""
-
-    _output_is_view = True
 
     def __init__(self, linear: nn.Linear, bn: nn.BatchNorm1d | None = None):
         if not isinstance(linear, nn.Linear):

@@ -368,3 +368,54 @@ def test_linear_candidate_trains_behind_an_inplace_activation():
     for unit in (first, second):
         assert unit.candidate_weight.grad is not None and unit.candidate_weight.grad.abs().sum() > 0
         assert float(unit.candidate_batches) == 1
+
+
+def _dendrite_phase_net(backend):
+    """conv+BN, depthwise+BN and a Linear head, converted, with 0 or 1 trained dendrites and a
+    candidate per unit, everything else frozen (the controller's dendrite phase)."""
+    torch.manual_seed(6)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8),
+        nn.Hardswish(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    units = list(pbp_fast.convert(model).values())
+    for i, unit in enumerate(units):
+        unit.backend = backend
+        unit.warmup_batches = 2
+        add_random_dendrites(unit, i % 2)
+        unit.start_candidate()
+    train_candidates_only(model, units)
+    return model.train(), units
+
+
+@pytest.mark.parametrize("backend,compiler", [
+    # the fused ops (the reference's candidate pass calls torch.autograd.grad, which Dynamo
+    # does not trace); Inductor's Triton path needs a GPU
+    (b, c) for b in BACKENDS if b != "reference" for c in ("aot_eager", "inductor")
+    if b != "triton" or c == "aot_eager"])
+def test_dendrite_phase_compiles_fullgraph_and_matches_eager(backend, compiler):
+    """torch.compile(fullgraph=True) traces a dendrite-phase step (the candidate pass and the
+    running-statistics and snapshot updates run in the backward graph): three SGD steps give
+    the candidates' weights, statistics and snapshots, and the BatchNorm statistics, of eager."""
+    x = torch.randn(4, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 5, (4,))
+    states = []
+    for compiled in (False, True):
+        model, units = _dendrite_phase_net(backend)
+        net = torch.compile(model, fullgraph=True, backend=compiler) if compiled else model
+        opt = torch.optim.SGD([p for u in units for p in u.candidate_parameters()], lr=0.5)
+        losses = []
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(net(x), target)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        assert all(float(u.candidate_batches) == 3 for u in units)
+        assert all(float(u.candidate_best_score) > 0 for u in units)
+        states.append((torch.stack(losses), {k: v.clone() for k, v in model.state_dict().items()}))
+    (loss_e, eager), (loss_c, comp) = states
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    assert eager.keys() == comp.keys()
+    for k in eager:
+        torch.testing.assert_close(comp[k], eager[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -190,7 +190,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> candidate_cpu(
   auto stats = all.narrow(0, 0, 4 * C).to(at::kFloat).reshape({4, C}).clone();
   auto gb = all.narrow(0, 4 * C, C).to(opt.dtype()).clone();
   auto gc = all.narrow(0, 5 * C, D * C).to(opt.dtype()).reshape({D, C}).clone();
-  return {stats, gw, gb, gc};
+  // the parameter gradients are contiguous whatever the layout of x (the op's fake says so)
+  return {stats, gw.contiguous(), gb, gc};
 }
 
 }  // namespace
