@@ -16,6 +16,9 @@ import report  # bench/report.py: the table, also for the README
 
 def pytest_addoption(parser):
     parser.addoption("--ratios-json", default=None, help="write the speed-up table as JSON")
+    parser.addoption("--cpu-compile", action="store_true",
+                     help="bench/test_step.py: also time torch.compile on the CPU (the plain and "
+                          "fused paths; Inductor takes minutes per model on a few cores)")
 
 
 def machine():

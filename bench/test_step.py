@@ -10,7 +10,10 @@ perforatedai library where it imports (its open-source dendrites, neuron phase o
 ``perforatedai_model``).  Every dendritic step is also given as a multiple of the plain step.
 
 CUDA: batch 256 under bf16 autocast, eager, torch.compile and CUDA graphs (the whole step
-captured).  CPU: batch 32 in float32, eager only.
+captured).  CPU: batch 32 in float32, eager; with ``--cpu-compile`` also torch.compile of the
+plain and fused paths.  The plain and fused models compile with ``fullgraph=True`` (in both
+phases: a graph break fails the benchmark); the reference and perforatedai models compile
+with whatever graph breaks they need.
 
     pytest bench/test_step.py --benchmark-only --ratios-json bench/results/step_cpu.json
 """
@@ -101,10 +104,10 @@ def train_step(model, opt, x, y):
     opt.step()
 
 
-def prepare(mode, model, opt, x, y, peak_memory):
+def prepare(mode, model, opt, x, y, peak_memory, fullgraph):
     """Warm up (compile, capture) and return the step to time and the peak memory of one step
     (of the capture, for CUDA graphs)."""
-    net = torch.compile(model) if mode == "compile" else model
+    net = torch.compile(model, fullgraph=fullgraph) if mode == "compile" else model
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -141,9 +144,14 @@ def prepare(mode, model, opt, x, y, peak_memory):
 
 @pytest.mark.parametrize("mode", ["eager", "compile", "cudagraphs"])
 @pytest.mark.parametrize("case,path", CASES)
-def test_step(benchmark, peak_memory, tmp_path, monkeypatch, case, path, mode):
-    if mode != "eager" and not CUDA:
-        pytest.skip(f"{mode}: timed on CUDA only (on the CPU the eager step is the one used)")
+def test_step(benchmark, peak_memory, tmp_path, monkeypatch, request, case, path, mode):
+    if mode == "cudagraphs" and not CUDA:
+        pytest.skip("CUDA graphs need a GPU")
+    if mode == "compile" and not CUDA:
+        if not request.config.getoption("--cpu-compile"):
+            pytest.skip("torch.compile on the CPU: pass --cpu-compile")
+        if path not in ("plain", FUSED):
+            pytest.skip("torch.compile on the CPU: the plain and fused paths only")
     if path == FUSED and FUSED not in pbp.backends():
         pytest.skip(f"the {FUSED} backend is not available here")
     monkeypatch.chdir(tmp_path)  # perforatedai writes its configuration files to the cwd
@@ -161,7 +169,8 @@ def test_step(benchmark, peak_memory, tmp_path, monkeypatch, case, path, mode):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01,
                           momentum=0.9)
     try:
-        step, peak = prepare(mode, model, opt, x, y, peak_memory)
+        step, peak = prepare(mode, model, opt, x, y, peak_memory,
+                             fullgraph=path in ("plain", FUSED))
     except Exception as err:  # the library's own limits under compile / graphs are a result
         if path != "perforatedai":
             raise

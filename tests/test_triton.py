@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import pbp_fast
-from conftest import DSBlock, add_random_dendrites, needs_cuda, needs_triton
+from conftest import (DSBlock, add_random_dendrites, needs_cuda, needs_triton,
+                      train_candidates_only)
 from pbp_fast import functional as Fn
 from pbp_fast.ops import is_channels_last
 from test_candidate import candidate_case
@@ -342,10 +343,18 @@ def test_cuda_cpp_ops_dispatch_to_triton():
 
 
 @needs_cuda
-def test_cuda_graph_captures_a_training_step():
-    """A dendritic block's whole SGD step, captured once and replayed: no host sync inside."""
+@pytest.mark.parametrize("phase", ["neuron", "dendrite"])
+def test_cuda_graph_captures_a_training_step(phase):
+    """A dendritic block's whole SGD step, captured once and replayed: no host sync inside.  In
+    the dendrite phase the candidates' statistics advance on every replay (their update is in
+    the captured backward)."""
     model = _dendritic_block("triton", channels=32)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    units = [m for m in model.modules() if isinstance(m, pbp_fast.nn.DendriticUnit)]
+    if phase == "dendrite":
+        for u in units:
+            u.start_candidate()
+        train_candidates_only(model, units)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     x = torch.randn(8, 32, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
 
     def step():
@@ -368,4 +377,8 @@ def test_cuda_graph_captures_a_training_step():
     first = loss.item()
     for _ in range(5):
         graph.replay()
-    assert torch.isfinite(loss) and loss.item() < first
+    if phase == "neuron":
+        assert torch.isfinite(loss) and loss.item() < first
+    else:  # 3 eager steps, then 6 replays (the capture itself runs nothing)
+        assert all(float(u.candidate_batches) == 9 for u in units)
+        assert all(torch.isfinite(u.candidate_weight.grad).all() for u in units)
