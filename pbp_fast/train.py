@@ -444,7 +444,13 @@ class _Run:
         """The module the loop calls: under torchrun DDP (neuron phase) or the model with its
         candidates synchronised (dendrite phase); again after every restructure and resume."""
         net = distributed.wrap(self.model)
-        self.net = torch.compile(net) if self.cfg.compile else net
+        if self.cfg.compile:
+            # The graphs of the previous structure are of no more use, and Dynamo keeps at most
+            # ``recompile_limit`` (8) per function: without a reset, a run's fourth or fifth
+            # structure (train and eval graphs each) would silently run eagerly.
+            torch.compiler.reset()
+            net = torch.compile(net)
+        self.net = net
 
     # -- optimizer / schedule per phase ----------------------------------------------------
     @property

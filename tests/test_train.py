@@ -233,3 +233,29 @@ def test_cli_train_on_cifar_format_data(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results["epochs"] == 1
     assert "mobilenet_v3_small x0.25" in capsys.readouterr().out
+
+
+def test_compiled_pb_run_compiles_every_structure(tmp_path, monkeypatch):
+    """With --compile, each structure of a PB run (a switch after every epoch here) trains and
+    evaluates compiled: the trainer starts Dynamo afresh at every restructure, so its
+    per-function recompile limit (8; 2 here, to meet it in three epochs) never sends a later
+    phase back to eager."""
+    graphs = []
+
+    def backend(gm, example_inputs):  # Dynamo's graphs, run as traced (no Inductor: fast)
+        graphs.append(gm)
+        return gm.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=backend))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    from pbp_fast.train import config_from_args
+    args = ["train", *FAST, *PB, "--model", "mobilenet_tiny", "--epochs", "3", "--compile",
+            "--output-dir", str(tmp_path)]
+    cfg = config_from_args(cli.build_parser().parse_args(args))
+    per_epoch = []
+    train(cfg, log=lambda s: None, on_epoch_end=lambda rec: per_epoch.append(
+        (rec.phase, rec.event, len(graphs))))
+    assert [p for p, _, _ in per_epoch] == ["neuron", "dendrite", "neuron"], per_epoch
+    new = np.diff([0] + [n for _, _, n in per_epoch])
+    assert (new >= 2).all(), per_epoch  # a train and an eval graph for every structure
