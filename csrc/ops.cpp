@@ -30,4 +30,15 @@ TORCH_LIBRARY(pbp_fast, m) {
   m.def("candidate_pass(Tensor x, Tensor weight, Tensor? bias, Tensor? cascade, Tensor? s, "
         "Tensor e, Tensor mean_e, Tensor sign, int[2] stride, int[2] padding, int[2] dilation, "
         "int groups) -> (Tensor, Tensor, Tensor, Tensor)");
+  // From a candidate's running means (4, Cout) float64 of (v, e, v e, e e): (mean_e, sign(C))
+  // in `dtype`, what candidate_pass takes (C = correlation, DESIGN.md "Math").
+  m.def("candidate_objective(Tensor mean, ScalarType dtype) -> (Tensor, Tensor)");
+  // One batch's bookkeeping, in place: fold the batch's sums (4, Cout) over n positions into the
+  // running means (cumulative for warmup_batches batches, then an EMA with momentum; skipped
+  // for an empty or non-finite batch), count and batches; best_score = score = sum |C| when
+  // that beats it by more than threshold after the warm-up.  Returns that decision (0-dim
+  // bool): the candidate's weights are to be snapshotted.
+  m.def("candidate_update(Tensor(a!) mean, Tensor(b!) count, Tensor(c!) batches, "
+        "Tensor(d!) best_score, Tensor sums, Tensor n, int warmup_batches, float momentum, "
+        "float threshold) -> Tensor");
 }

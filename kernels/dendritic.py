@@ -6,8 +6,8 @@ coalesced along the channel tiles) and NCHW.  A tile's convolutions come from on
 ``MODE``s:
 
     0  depthwise (groups == C_in == C_out): a direct loop over the kernel taps;
-    1  pointwise (1x1, groups == 1): a GEMM over the input channels with ``tl.dot``; the dendrites
-       are one batched ``tl.dot`` over a (D, pixels, channels) accumulator;
+    1  pointwise (1x1, groups == 1): a GEMM over the input channels with ``tl.dot``, the main
+       conv's and then each dendrite's in turn (each finished before the next starts);
     2  any other conv: the pre-activations were computed by one stacked ATen (cuDNN) convolution
        whose output channel of conv m (0 = main, then the dendrites) and channel c = (g, cl) is
        (g * M + m) * Cg + cl, and the kernel loads them.
@@ -301,3 +301,70 @@ def candidate_kernel(
                  mask=(j < DC)[:, None] & mc[None, :])
     tl.store(ga_ptr + _offsets(n, c, oh, ow, san, sac, sah, saw, VEC),
              ga.to(ga_ptr.dtype.element_ty), mask=m2)
+
+
+# -- a candidate's running statistics (C <= a few thousand channels: one program) -------------
+@triton.jit
+def _corr(m_v, m_e, m_ve, m_ee):
+    """C_c from the running means of (v, e, v e, e e)."""
+    return (m_ve - m_v * m_e) / tl.sqrt(tl.maximum(m_ee - m_e * m_e, 0.0) + 1e-12)
+
+
+@triton.jit
+def candidate_objective_kernel(mean_ptr, mean_e_ptr, sign_ptr, C, BC: tl.constexpr):
+    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    mc = c < C
+    m_e = tl.load(mean_ptr + C + c, mask=mc)
+    corr = _corr(tl.load(mean_ptr + c, mask=mc), m_e, tl.load(mean_ptr + 2 * C + c, mask=mc),
+                 tl.load(mean_ptr + 3 * C + c, mask=mc))
+    tl.store(sign_ptr + c, tl.where(corr >= 0, 1.0, -1.0).to(sign_ptr.dtype.element_ty),
+             mask=mc)
+    if mean_e_ptr.dtype.element_ty != tl.float64:  # through float32, as torch converts
+        m_e = m_e.to(tl.float32)
+    tl.store(mean_e_ptr + c, m_e.to(mean_e_ptr.dtype.element_ty), mask=mc)
+
+
+@triton.jit
+def _fold(mean_ptr, sums_ptr, r, c, mc, C, ok, w, n):
+    """Row r of the running means with the batch folded in (when ``ok``), stored and returned."""
+    old = tl.load(mean_ptr + r * C + c, mask=mc, other=0.0)
+    v = tl.load(sums_ptr + r * C + c, mask=mc, other=0.0).to(tl.float64)
+    new = tl.where(ok, old + w * (v / n - old), old)
+    tl.store(mean_ptr + r * C + c, new, mask=mc)
+    return new
+
+
+@triton.jit
+def candidate_update_kernel(mean_ptr, count_ptr, batches_ptr, best_ptr, sums_ptr, n_ptr,
+                            better_ptr, C, warmup, momentum, threshold, BC: tl.constexpr):
+    """pbp_fast::candidate_update in one program: the batch's sums are read whole (to decide
+    whether the batch is finite) before any running mean changes."""
+    n = tl.load(n_ptr).to(tl.float64)
+    count = tl.load(count_ptr)
+    batches = tl.load(batches_ptr)
+    bad = 0
+    for i0 in range(0, 4 * C, BC):
+        i = i0 + tl.arange(0, BC)
+        v = tl.load(sums_ptr + i, mask=i < 4 * C, other=0.0).to(tl.float64)
+        bad += tl.sum(tl.where(tl.abs(v) <= 1.7976931348623157e308, 0, 1), axis=0)  # NaN, inf
+    ok = (bad == 0) & (n > 0)
+    n = tl.where(ok, n, 1.0)  # (an empty batch changes nothing; no division by 0)
+    w = tl.where(batches < warmup, n / (count + n), 1.0 - momentum)
+    score = tl.zeros((BC,), dtype=tl.float64)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        mc = c < C
+        m_v = _fold(mean_ptr, sums_ptr, 0, c, mc, C, ok, w, n)
+        m_e = _fold(mean_ptr, sums_ptr, 1, c, mc, C, ok, w, n)
+        m_ve = _fold(mean_ptr, sums_ptr, 2, c, mc, C, ok, w, n)
+        m_ee = _fold(mean_ptr, sums_ptr, 3, c, mc, C, ok, w, n)
+        score += tl.where(mc, tl.abs(_corr(m_v, m_e, m_ve, m_ee)), 0.0)
+    count = tl.where(ok, count + n, count)  # n is the batch's where ok
+    batches = tl.where(ok, batches + 1, batches)
+    total = tl.sum(score, axis=0)
+    best = tl.load(best_ptr)
+    better = (batches >= warmup) & (total > best * (1.0 + threshold))
+    tl.store(count_ptr, count)
+    tl.store(batches_ptr, batches)
+    tl.store(best_ptr, tl.where(better, total, best))
+    tl.store(better_ptr, better)

@@ -11,6 +11,8 @@ What each op launches:
     dendritic_conv2d_bwd   cuDNN for dL/dx and dW of the main conv; one kernel for everything of
                            the dendrites but their weights; one stacked cuDNN weight gradient
     candidate_pass         one fused kernel (+ a cuDNN conv in mode 2); one cuDNN weight gradient
+    candidate_objective    one kernel
+    candidate_update       one kernel (one program), in place
 """
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from pbp_fast import ops
-from pbp_fast.kernels.dendritic import candidate_kernel, dendritic_bwd_kernel, dendritic_fwd_kernel
+from pbp_fast.kernels.dendritic import (candidate_kernel, candidate_objective_kernel,
+                                        candidate_update_kernel, dendritic_bwd_kernel,
+                                        dendritic_fwd_kernel)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BP = 64  # output pixels per program
@@ -127,15 +131,15 @@ def _conv_geometry(x, weight_shape, stride, padding, dilation):
     return n, c_in, h, w, ho, wo
 
 
-def _op(name):
+def _op(name, mutates_args=()):
     """``triton_op``: torch.compile decomposes the op into its kernels and sees each of them.
     Under the CPU interpreter, whose kernels cannot be traced, the same function becomes an
     opaque ``custom_op`` (its own fake implementation) so that compiled code stays correct."""
     if not ops.triton_interpreted():
-        return triton_op(name, mutates_args=())
+        return triton_op(name, mutates_args=mutates_args)
 
     def dec(fn):
-        op = torch.library.custom_op(name, fn, mutates_args=())
+        op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
         op.register_fake(fn)
         return op
     return dec
@@ -276,9 +280,32 @@ def candidate_pass(
             sums[5:].to(weight.dtype, copy=True))
 
 
+@_op("pbp_fast::triton_candidate_objective")
+def candidate_objective(mean: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    c = mean.shape[1]
+    mean_e, sign = mean.new_empty(c, dtype=dtype), mean.new_empty(c, dtype=dtype)
+    bc = min(1024, _pow2(c))
+    _launch(candidate_objective_kernel, (triton.cdiv(c, bc),), mean, mean_e, sign, c, BC=bc,
+            num_warps=4)
+    return mean_e, sign
+
+
+@_op("pbp_fast::triton_candidate_update", mutates_args=("mean", "count", "batches", "best_score"))
+def candidate_update(mean: Tensor, count: Tensor, batches: Tensor, best_score: Tensor,
+                     sums: Tensor, n: Tensor, warmup_batches: int, momentum: float,
+                     threshold: float) -> Tensor:
+    c = mean.shape[1]
+    better = torch.empty((), dtype=torch.bool, device=mean.device)
+    _launch(candidate_update_kernel, (1,), mean, count, batches, best_score, sums, n, better, c,
+            warmup_batches, momentum, threshold, BC=min(1024, _pow2(c)), num_warps=4)
+    return better
+
+
 ops.register("triton_", fakes=False)
 if ops.HAVE_C:  # the C++ ops (csrc/ops.cpp) on CUDA tensors run these
     for _name, _op_def in (("dendritic_conv2d_fwd", dendritic_conv2d_fwd),
                            ("dendritic_conv2d_bwd", dendritic_conv2d_bwd),
-                           ("candidate_pass", candidate_pass)):
+                           ("candidate_pass", candidate_pass),
+                           ("candidate_objective", candidate_objective),
+                           ("candidate_update", candidate_update)):
         torch.library.register_kernel(f"pbp_fast::{_name}", "cuda", _op_def)

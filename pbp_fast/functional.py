@@ -215,3 +215,71 @@ def candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, *, stride=1, pa
     op = ops.triton_ops().triton_candidate_pass if backend == "triton" else \
         torch.ops.pbp_fast.candidate_pass
     return op(x, weight, bias, cascade, s, e, mean_e, sign, *conv)
+
+
+def _state(t, name, shape):
+    _tensor(t, name)
+    if tuple(t.shape) != shape or t.dtype != torch.float64 or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous float64 tensor of shape {shape}, got "
+                         f"{t.dtype} {tuple(t.shape)}")
+
+
+def _state_backend(backend, mean):
+    """The running statistics are float64 whatever the unit's dtype: "auto" takes the fused op
+    of their device (C++ on the CPU, Triton on CUDA)."""
+    if backend == "auto":
+        avail = ops.backends()
+        if mean.device.type == "cpu" and "cpp" in avail:
+            return "cpp"
+        return "triton" if mean.device.type == "cuda" and "triton" in avail else "reference"
+    return _pick_backend(backend, mean)
+
+
+def candidate_objective(mean, dtype, *, backend="auto"):
+    """``(mean_e, sign)`` in ``dtype`` from a candidate's running means ``mean`` (4, Cout)
+    float64 of (v, e, v*e, e*e): what :func:`candidate_pass` takes."""
+    _tensor(mean, "mean", 2)
+    _state(mean, "mean", (4, mean.shape[1]))
+    if dtype not in _FLOATS:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    backend = _state_backend(backend, mean)
+    if backend == "reference":
+        return reference.candidate_objective(mean, dtype)
+    op = ops.triton_ops().triton_candidate_objective if backend == "triton" else \
+        torch.ops.pbp_fast.candidate_objective
+    return op(mean, dtype)
+
+
+def candidate_update(mean, count, batches, best_score, sums, n, *, warmup_batches=10,
+                     momentum=0.99, threshold=0.10, backend="auto"):
+    """One batch's bookkeeping of a candidate, in place (``reference.candidate_update``): fold
+    the batch's ``sums`` (4, Cout) over ``n`` positions (a number or a 0-dim tensor) into the
+    running means ``mean`` (4, Cout), ``count`` and ``batches``, and raise ``best_score`` to the
+    score when it beats it.  All state tensors are float64 (``count``, ``batches`` and
+    ``best_score`` 0-dim).  Returns that decision as a 0-dim bool tensor (snapshot the
+    candidate's weights where it holds).  No host synchronisation."""
+    _tensor(mean, "mean", 2)
+    _state(mean, "mean", (4, mean.shape[1]))
+    for name, t in (("count", count), ("batches", batches), ("best_score", best_score)):
+        _state(t, name, ())
+    _tensor(sums, "sums", 2)
+    _shape(sums, "sums", tuple(mean.shape))
+    if not isinstance(n, torch.Tensor):
+        n = mean.new_full((), float(n))
+    elif n.dim() != 0:
+        raise ValueError(f"n must be a number or a 0-dim tensor, got shape {tuple(n.shape)}")
+    for name, t in (("count", count), ("batches", batches), ("best_score", best_score),
+                    ("sums", sums), ("n", n)):
+        if t.device != mean.device:
+            raise ValueError(f"{name} is on {t.device} but mean is on {mean.device}")
+    backend = _state_backend(backend, mean)
+    if backend == "reference":
+        *new, better = reference.candidate_update(mean, count, batches, best_score, sums, n,
+                                                  warmup_batches, momentum, threshold)
+        for buf, value in zip((mean, count, batches, best_score), new):
+            buf.copy_(value)
+        return better
+    op = ops.triton_ops().triton_candidate_update if backend == "triton" else \
+        torch.ops.pbp_fast.candidate_update
+    return op(mean, count, batches, best_score, sums, n, int(warmup_batches), float(momentum),
+              float(threshold))

@@ -231,9 +231,8 @@ class DendriticUnit(nn.Module):
         gradients, or None when ``candidate_sync`` applies them once the backward pass ends."""
         dt = x.dtype
         sync = self.candidate_sync
-        corr = reference.correlation(self.candidate_stats)
-        sign = torch.where(corr >= 0, 1.0, -1.0).to(dt)
-        mean_e = self.candidate_stats[1].to(dt)
+        mean_e, sign = functional.candidate_objective(self.candidate_stats, dt,
+                                                      backend=self.backend)
         if sync is not None:
             # Under DDP the objective is the mean of the ranks' losses, so the unit's error is
             # e / w (w ranks).  Rather than scale e, scale what the pass combines it with:
@@ -270,26 +269,17 @@ class DendriticUnit(nn.Module):
     @torch.no_grad()
     def _update_statistics(self, stats, n):
         """Fold one batch's sums ``stats`` over ``n`` positions (an int or a 0-dim tensor) into
-        the running statistics and take a snapshot when the score improved.  Tensor ops only
-        (no host synchronisation)."""
-        new = reference.update_running_stats(
-            self.candidate_stats, self.candidate_count, self.candidate_batches, stats, n,
-            self.warmup_batches, self.stats_momentum)
-        # a non-finite batch (e.g. an overflowing mixed-precision step) or an empty one leaves
-        # the state as it was
-        ok = torch.isfinite(stats).all() & (n > 0)
-        for buf, value in zip((self.candidate_stats, self.candidate_count,
-                               self.candidate_batches), new):
-            buf.copy_(torch.where(ok, value, buf))
-        mean, batches = self.candidate_stats, self.candidate_batches
-        score = reference.correlation(mean).abs().sum()
-        better = (batches >= self.warmup_batches) & (
-            score > self.candidate_best_score * (1.0 + self.snapshot_threshold))
-        self.candidate_best_score.copy_(torch.where(better, score, self.candidate_best_score))
+        the running statistics and take a snapshot when the score improved: two fused ops
+        (``functional.candidate_update``, then the snapshot), no host synchronisation."""
+        better = functional.candidate_update(
+            self.candidate_stats, self.candidate_count, self.candidate_batches,
+            self.candidate_best_score, stats, n, warmup_batches=self.warmup_batches,
+            momentum=self.stats_momentum, threshold=self.snapshot_threshold,
+            backend=self.backend)
         for best, cur in ((self.candidate_best_weight, self.candidate_weight),
                           (self.candidate_best_bias, self.candidate_bias),
                           (self.candidate_best_cascade, self.candidate_cascade)):
-            best.copy_(torch.where(better, cur, best))
+            torch.where(better, cur, best, out=best)
 
     # -- forward -------------------------------------------------------------------------------
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:

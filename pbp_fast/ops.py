@@ -122,6 +122,15 @@ def _fake_candidate(x, weight, bias, cascade, s, e, mean_e, sign, stride, paddin
             weight.new_empty((d, c)))
 
 
+def _fake_objective(mean, dtype):
+    c = mean.shape[1]
+    return mean.new_empty(c, dtype=dtype), mean.new_empty(c, dtype=dtype)
+
+
+def _fake_update(mean, count, batches, best_score, sums, n, warmup_batches, momentum, threshold):
+    return mean.new_empty((), dtype=torch.bool)
+
+
 def _fwd_setup(ctx, inputs, output):
     (x, weight, bias, base, d_weight, d_bias, d_scale, d_cascade, stride, padding, dilation,
      groups, save_s) = inputs
@@ -159,10 +168,12 @@ def _backward_with(bwd_op):
 
 def register(prefix: str, fakes: bool = True) -> None:
     """Register the autograd formula of ``pbp_fast::{prefix}dendritic_conv2d_fwd`` and, with
-    ``fakes``, the fake implementations of it, ``_bwd`` and ``{prefix}candidate_pass`` (ops
-    made by ``triton_op`` have theirs already)."""
+    ``fakes``, the fake implementations of it, ``_bwd`` and ``{prefix}candidate_*`` (ops made by
+    ``triton_op`` have theirs already)."""
     for name, fake in (("dendritic_conv2d_fwd", _fake_fwd), ("dendritic_conv2d_bwd", _fake_bwd),
-                       ("candidate_pass", _fake_candidate)):
+                       ("candidate_pass", _fake_candidate),
+                       ("candidate_objective", _fake_objective),
+                       ("candidate_update", _fake_update)):
         if fakes:
             torch.library.register_fake(f"pbp_fast::{prefix}{name}", fake)
     torch.library.register_autograd(

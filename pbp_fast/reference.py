@@ -108,3 +108,26 @@ def correlation(mean, eps=1e-12):
     """C_c = mean((v - mean_v)(e - mean_e)) / std(e_c) from the running means (4, C)."""
     m_v, m_e, m_ve, m_ee = mean
     return (m_ve - m_v * m_e) / torch.sqrt((m_ee - m_e * m_e).clamp_min(0) + eps)
+
+
+def candidate_objective(mean, dtype):
+    """What one batch's candidate pass needs from the running means (4, C): ``(mean_e, sign)``,
+    the error's running mean and sign(C_c) (+1 where C_c >= 0, else -1), in ``dtype``."""
+    sign = torch.where(correlation(mean) >= 0, 1.0, -1.0)
+    return mean[1].to(dtype), sign.to(dtype)
+
+
+def candidate_update(mean, count, batches, best_score, sums, n, warmup_batches=10,
+                     momentum=0.99, threshold=0.10):
+    """One batch's bookkeeping of a candidate: fold its sums (4, C) over ``n`` positions into
+    the running means (:func:`update_running_stats`) unless the batch is empty or not finite
+    (e.g. an overflowing mixed-precision step: the state stays as it was), then score
+    sum_c |C_c| and whether it beats ``best_score`` by more than ``threshold`` (relative) after
+    the warm-up batches.  Returns the new ``(mean, count, batches, best_score, better)``."""
+    new = update_running_stats(mean, count, batches, sums, n, warmup_batches, momentum)
+    ok = torch.isfinite(sums).all() & (n > 0)
+    mean, count, batches = (torch.where(ok, v, old) for v, old in
+                            zip(new, (mean, count, batches)))
+    score = correlation(mean).abs().sum()
+    better = (batches >= warmup_batches) & (score > best_score * (1.0 + threshold))
+    return mean, count, batches, torch.where(better, score, best_score), better

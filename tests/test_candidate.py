@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import pbp_fast
 from conftest import needs_cpp
 from pbp_fast import functional as Fn
 from pbp_fast import reference as R
@@ -86,3 +87,110 @@ def test_opcheck_candidate_pass():
         args, conv = candidate_case(seed, torch.float64)
         c = [[conv["stride"]] * 2, [conv["padding"]] * 2, [conv["dilation"]] * 2, conv["groups"]]
         torch.library.opcheck(torch.ops.pbp_fast.candidate_pass.default, (*args, *c))
+
+
+STATE_BACKENDS = pbp_fast.backends()  # "triton" on the CPU interpreter without a GPU
+
+
+def _candidate_state(seed, c, batches):
+    """Running means of a plausible candidate (v in (0, 1), e ~ N(0, 1)) after ``batches``
+    batches, with its count and best score."""
+    g = torch.Generator().manual_seed(seed)
+    v, e = torch.rand(4, 50, c, generator=g, dtype=torch.float64), \
+        torch.randn(4, 50, c, generator=g, dtype=torch.float64)
+    mean = torch.stack([v.mean((0, 1)), e.mean((0, 1)), (v * e).mean((0, 1)),
+                        (e * e).mean((0, 1))])
+    count = torch.tensor(200.0 * batches, dtype=torch.float64)
+    best = torch.tensor(float(R.correlation(mean).abs().sum()) * (0.8 + 0.4 * (seed % 2)),
+                        dtype=torch.float64)
+    return mean, count, torch.tensor(float(batches), dtype=torch.float64), best
+
+
+def _batch_sums(seed, c, n):
+    g = torch.Generator().manual_seed(100 + seed)
+    v = torch.rand(n, c, generator=g, dtype=torch.float64)
+    e = torch.randn(n, c, generator=g, dtype=torch.float64) + (seed % 3) * v
+    return torch.stack([v.sum(0), e.sum(0), (v * e).sum(0), (e * e).sum(0)]).float()
+
+
+@pytest.mark.parametrize("backend", STATE_BACKENDS)
+@pytest.mark.parametrize("seed", range(8))
+def test_candidate_update_matches_reference(backend, seed):
+    """The fused bookkeeping op against reference.candidate_update, in place: cumulative
+    (batches < warmup) and EMA regimes, improving and not, a non-finite batch and an empty one
+    (state unchanged), channel counts beyond one Triton block."""
+    c = (3, 40, 1500)[seed % 3]
+    batches = (0, 4, 9, 30)[seed % 4]
+    sums, n = _batch_sums(seed, c, 64), 64
+    if seed == 5:
+        sums[2, c // 2] = float("nan")
+    if seed == 6:
+        n = 0
+    state = _candidate_state(seed, c, batches)
+    *want, better_ref = R.candidate_update(*state, sums, n, 10, 0.99, 0.1)
+    got = [t.clone() for t in state]
+    better = Fn.candidate_update(*got, sums, n, warmup_batches=10, momentum=0.99,
+                                 threshold=0.1, backend=backend)
+    assert better.dtype == torch.bool and better.shape == ()
+    assert bool(better) == bool(better_ref)
+    for name, a, b in zip(("mean", "count", "batches", "best_score"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    if seed in (5, 6):  # the state is as it was
+        for a, b in zip(got[:3], state[:3]):
+            assert torch.equal(a, b)
+
+
+def test_candidate_update_decides_snapshots():
+    """From zero state: no snapshot during the warm-up batches, then one as soon as the score
+    beats the best by more than the threshold; the best score follows."""
+    c = 5
+    state = [torch.zeros(4, c, dtype=torch.float64)] + [torch.zeros((), dtype=torch.float64)
+                                                         for _ in range(3)]
+    decisions = []
+    for i in range(4):
+        decisions.append(bool(Fn.candidate_update(*state, _batch_sums(1, c, 32), 32,
+                                                  warmup_batches=3, threshold=0.1)))
+    assert decisions == [False, False, True, False]  # same batch again: no 10 % gain
+    torch.testing.assert_close(state[3], R.correlation(state[0]).abs().sum())
+
+
+@pytest.mark.parametrize("backend", STATE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_candidate_objective_matches_reference(backend, dtype):
+    mean = _candidate_state(3, 40, 5)[0]
+    mean[:, 0] = 0.0  # C = 0: sign +1
+    mean_e, sign = Fn.candidate_objective(mean, dtype, backend=backend)
+    want_e, want_sign = R.candidate_objective(mean, dtype)
+    assert mean_e.dtype == sign.dtype == dtype and sign[0] == 1
+    assert torch.equal(sign, want_sign)
+    # bfloat16: Triton's interpreter rounds float32 -> bfloat16 towards zero (one ulp)
+    tol = dict(rtol=2 ** -7, atol=0) if dtype == torch.bfloat16 else dict(rtol=0, atol=0)
+    torch.testing.assert_close(mean_e, want_e, **tol)
+
+
+def test_candidate_state_errors_name_the_argument():
+    mean, count, batches, best = _candidate_state(0, 4, 2)
+    sums = _batch_sums(0, 4, 8)
+    with pytest.raises(ValueError, match="mean must be a contiguous float64"):
+        Fn.candidate_update(mean.float(), count, batches, best, sums, 8)
+    with pytest.raises(ValueError, match="batches must be"):
+        Fn.candidate_update(mean, count, batches.view(1), best, sums, 8)
+    with pytest.raises(ValueError, match="sums must have shape"):
+        Fn.candidate_update(mean, count, batches, best, sums[:, :3], 8)
+    with pytest.raises(ValueError, match="n must be a number or a 0-dim tensor"):
+        Fn.candidate_update(mean, count, batches, best, sums, torch.ones(2))
+    with pytest.raises(ValueError, match="mean must be a contiguous float64"):
+        Fn.candidate_objective(mean.t().contiguous().t(), torch.float32)
+    with pytest.raises(TypeError, match="dtype must be a floating-point dtype"):
+        Fn.candidate_objective(mean, torch.int32)
+
+
+@needs_cpp
+def test_opcheck_candidate_state_ops():
+    mean, count, batches, best = _candidate_state(1, 6, 12)
+    sums = _batch_sums(1, 6, 16)
+    n = torch.tensor(16.0, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.pbp_fast.candidate_objective.default,
+                          (mean, torch.float32))
+    torch.library.opcheck(torch.ops.pbp_fast.candidate_update.default,
+                          (mean, count, batches, best, sums, n, 10, 0.99, 0.1))
