@@ -120,13 +120,14 @@ def test_candidate_update_matches_reference(backend, seed):
     (batches < warmup) and EMA regimes, improving and not, a non-finite batch and an empty one
     (state unchanged), channel counts beyond one Triton block."""
     c = (3, 40, 1500)[seed % 3]
-    batches = (0, 4, 9, 30)[seed % 4]
+    batches = (0, 9, 10, 30)[seed % 4]  # 9, 10: the last cumulative batch, the first EMA one
     sums, n = _batch_sums(seed, c, 64), 64
+    state = _candidate_state(seed, c, batches)
     if seed == 5:
         sums[2, c // 2] = float("nan")
-    if seed == 6:
+    if seed == 6:  # nothing seen yet, after the warm-up: a score of 0 is no improvement on 0
         n = 0
-    state = _candidate_state(seed, c, batches)
+        state = [torch.zeros_like(t) for t in state[:2]] + [state[2], torch.zeros_like(state[3])]
     *want, better_ref = R.candidate_update(*state, sums, n, 10, 0.99, 0.1)
     got = [t.clone() for t in state]
     better = Fn.candidate_update(*got, sums, n, warmup_batches=10, momentum=0.99,

@@ -20,7 +20,7 @@ from conftest import (DSBlock, add_random_dendrites, needs_cuda, needs_triton,
                       train_candidates_only)
 from pbp_fast import functional as Fn
 from pbp_fast.ops import is_channels_last
-from test_candidate import candidate_case
+from test_candidate import _batch_sums, _candidate_state, candidate_case
 from test_ops import NAMES, random_case, run
 
 pytestmark = needs_triton
@@ -208,6 +208,16 @@ def test_opcheck(seed):
     args, conv = candidate_case(seed, torch.float64)
     torch.library.opcheck(ops.triton_candidate_pass.default,
                           (*(None if a is None else a.to(DEV) for a in args), *_conv_list(conv)))
+
+
+def test_opcheck_candidate_state_ops():
+    ops = pbp_fast.ops.triton_ops()
+    mean, count, batches, best = (t.to(DEV) for t in _candidate_state(1, 6, 12))
+    sums = _batch_sums(1, 6, 16).to(DEV)
+    n = torch.tensor(16.0, dtype=torch.float64, device=DEV)
+    torch.library.opcheck(ops.triton_candidate_objective.default, (mean, torch.bfloat16))
+    torch.library.opcheck(ops.triton_candidate_update.default,
+                          (mean, count, batches, best, sums, n, 10, 0.99, 0.1))
 
 
 def _block_step(model, x):
