@@ -1,6 +1,7 @@
 """Dendritic units (pbp_fast.nn): exactness at alpha = 0, the DESIGN.md math against a plain
-re-implementation, perforated gradients, the candidate hook against the reference candidate pass,
-BatchNorm folding and state_dict round trips that rebuild dendrites and candidates."""
+re-implementation, perforated gradients, the candidate's backward against the reference
+candidate pass, BatchNorm folding and state_dict round trips that rebuild dendrites and
+candidates, and the dendrite phase under torch.compile."""
 import copy
 
 import pytest
@@ -168,7 +169,7 @@ def _candidate_unit(d=2, backend="auto"):
 
 @pytest.mark.parametrize("d", [0, 2])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_candidate_hook_matches_the_reference_candidate_pass(backend, d):
+def test_candidate_backward_matches_the_reference_candidate_pass(backend, d):
     unit, x = _candidate_unit(d, backend)
     unit.warmup_batches = 1
     with torch.no_grad():  # a non-trivial running state before the batch
@@ -355,8 +356,9 @@ def test_dendrite_phase_with_frozen_input_and_inplace_activation():
 
 
 def test_linear_candidate_trains_behind_an_inplace_activation():
-    """The hook sits on the tensor the unit returns, so an in-place op on a Linear's (..., Cout)
-    output does not cut it off (MobileNetV3's classifier: Linear -> Hardswish(inplace))."""
+    """The candidate's backward node produces the tensor the unit returns, so an in-place op on
+    a Linear's (..., Cout) output does not cut it off (MobileNetV3's classifier: Linear ->
+    Hardswish(inplace))."""
     torch.manual_seed(5)
     first = DendriticLinear(nn.Linear(6, 5))
     second = DendriticLinear(nn.Linear(5, 3))
