@@ -90,7 +90,11 @@ def op_calls(cases, batch=8):
 
 
 def _cast(a, dtype):
-    return a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+    """The recorded float32 tensors (and dtype arguments) in ``dtype``; float64 ones (a
+    candidate's running statistics, float64 whatever the model's dtype) stay as they are."""
+    if a is torch.float32:
+        return dtype
+    return a.to(dtype) if isinstance(a, torch.Tensor) and a.dtype == torch.float32 else a
 
 
 def launches(calls, dtype=torch.bfloat16):
@@ -161,7 +165,8 @@ def compile_all(launch_list, arch=90, by_meta=False):
         try:
             compiled = triton.compile(src, target=target, options=options.__dict__)
         except Exception as exc:  # noqa: BLE001  (reported per configuration)
-            row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+            lines = [ln for ln in str(exc).splitlines() if ln.strip(" ^")]  # not the caret line
+            row["error"] = f"{type(exc).__name__}: {(lines or [''])[-1].strip()[:300]}"
         else:
             row["regs"], row["spill_bytes"], shared = _resources(compiled.asm["cubin"])
             row["shared_bytes"] = max(shared, compiled.metadata.shared)

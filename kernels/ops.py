@@ -232,11 +232,12 @@ def dendritic_conv2d_bwd(
     sums = _partial_sums(part).to(d_scale.dtype)
     if dk < d:  # rows of zeros for the dendrites' (unrequested) sums
         sums = torch.cat([sums, sums.new_zeros((2 * d + d * d, c))])
-    gdw = d_weight.new_zeros(d_weight.shape)
-    if need_dw and dk:
-        gdw = _unstack_grad(torch.ops.aten.convolution_backward(
-            ga, x, _stack_weights(list(d_weight.unbind(0)), groups), None, stride, padding,
-            dilation, False, [0, 0], groups, [False, True, False])[1], d, groups)
+    gdw = None  # (the neuron phase, whose dendrite weights are frozen, asks for none)
+    if need_dw:
+        gdw = d_weight.new_zeros(d_weight.shape) if not dk else _unstack_grad(
+            torch.ops.aten.convolution_backward(
+                ga, x, _stack_weights(list(d_weight.unbind(0)), groups), None, stride, padding,
+                dilation, False, [0, 0], groups, [False, True, False])[1], d, groups)
     grads = (gx, gw, sums[0] if weight is not None else None, gdw, sums[1 + d:1 + 2 * d],
              sums[1:1 + d], sums[1 + 2 * d:].view(d, d, c))
     # unrequested gradients are distinct empty tensors (outputs may not alias each other);

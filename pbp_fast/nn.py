@@ -299,8 +299,9 @@ class DendriticUnit(nn.Module):
         return w * scale.view(-1, 1, 1, 1), b * scale + shift
 
     def _dendrites(self, dt):
-        alpha = torch.stack(list(self.dendrite_alpha)) if self.num_dendrites else \
-            self.dendrite_bias
+        alphas = list(self.dendrite_alpha)  # one tensor each; a view of the one, not a copy
+        alpha = alphas[0].unsqueeze(0) if len(alphas) == 1 else \
+            torch.stack(alphas) if alphas else self.dendrite_bias
         return (_as(self.dendrite_weight, dt), _as(self.dendrite_bias, dt), _as(alpha, dt),
                 _as(self.dendrite_cascade, dt))
 
