@@ -297,8 +297,9 @@ def candidate_update(mean: Tensor, count: Tensor, batches: Tensor, best_score: T
                      threshold: float) -> Tensor:
     c = mean.shape[1]
     better = torch.empty((), dtype=torch.bool, device=mean.device)
-    _launch(candidate_update_kernel, (1,), mean, count, batches, best_score, sums, n, better, c,
-            warmup_batches, momentum, threshold, BC=min(1024, _pow2(c)), num_warps=4)
+    _launch(candidate_update_kernel, (1,), mean, count, batches, best_score, sums.contiguous(),
+            n, better, c, warmup_batches, momentum, threshold, BC=min(1024, _pow2(c)),
+            num_warps=4)
     return better
 
 
