@@ -221,9 +221,15 @@ class DendriticUnit(nn.Module):
                 "this process is one of several torch.distributed ranks, but the model was not "
                 "prepared with pbp_fast.distributed.wrap(model): the candidates' statistics and "
                 "gradients would differ between ranks")
+        s = None
+        if any(a.requires_grad for a in self.dendrite_alpha) and torch.is_grad_enabled():
+            # alphas that train beside the candidate (PerforatedBackprop freezes them): the
+            # dendrites' own op, outside the tap, gives their gradient
+            z, s = self._dendrite_output(x, z, save_s=True)
         dt = z.dtype
         return _CandidateTap.apply(self, z, x.detach(), _as(self.candidate_weight, dt),
-                                   _as(self.candidate_bias, dt), _as(self.candidate_cascade, dt))
+                                   _as(self.candidate_bias, dt), _as(self.candidate_cascade, dt),
+                                   s)
 
     @torch.no_grad()
     def _candidate_step(self, x, s, e):
@@ -299,7 +305,7 @@ class DendriticUnit(nn.Module):
         return w * scale.view(-1, 1, 1, 1), b * scale + shift
 
     def _dendrites(self, dt):
-        alphas = list(self.dendrite_alpha)  # one tensor each; a view of the one, not a copy
+        alphas = list(self.dendrite_alpha)  # separate tensors: stacked, or a view of the one
         alpha = alphas[0].unsqueeze(0) if len(alphas) == 1 else \
             torch.stack(alphas) if alphas else self.dendrite_bias
         return (_as(self.dendrite_weight, dt), _as(self.dendrite_bias, dt), _as(alpha, dt),
@@ -368,7 +374,8 @@ def _world_size() -> int:
 
 class _CandidateTap(torch.autograd.Function):
     """A unit's output in the dendrite phase, y = z + sum_k alpha_k s_k (z itself, copied, with
-    no trained dendrite), through which its candidate trains.  The backward hands e = dL/dy on
+    no trained dendrite or when the dendrites were added before), through which its candidate
+    trains.  The backward hands e = dL/dy on
     to z unchanged (the network trains no dendrite here and x~ is detached), runs the candidate
     pass on e, updates the running statistics and returns the candidate's gradients, which
     autograd accumulates into their ``.grad``.  Being an autograd.Function rather than a tensor
@@ -376,11 +383,12 @@ class _CandidateTap(torch.autograd.Function):
     mutated in the backward graph."""
 
     @staticmethod
-    def forward(ctx, unit, z, x, weight, bias, cascade):
-        if unit.num_dendrites:
-            y, s = unit._dendrite_output(x, z, save_s=True)
+    def forward(ctx, unit, z, x, weight, bias, cascade, s=None):
+        """``s``: the trained dendrites' activations when they were already added to z."""
+        if s is not None or not unit.num_dendrites:
+            y = z.clone()
         else:
-            y, s = z.clone(), None
+            y, s = unit._dendrite_output(x, z, save_s=True)
         ctx.unit = unit
         ctx.save_for_backward(x, s)
         return y
@@ -390,9 +398,10 @@ class _CandidateTap(torch.autograd.Function):
         x, s = ctx.saved_tensors
         grads = ctx.unit._candidate_step(x, s, e)
         if grads is None:  # candidate_sync applies them when the backward pass ends
-            return None, e, None, None, None, None
+            return None, e, None, None, None, None, None
         gw, gb, gc = grads
-        return None, e, None, gw.view(ctx.unit._weight_shape), gb, gc if s is not None else None
+        return (None, e, None, gw.view(ctx.unit._weight_shape), gb,
+                gc if s is not None else None, None)
 
 
 def _pair(v):

@@ -211,6 +211,30 @@ def test_candidate_backward_matches_the_reference_candidate_pass(backend, d):
     assert torch.equal(unit.candidate_best_weight, w0[0])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_alphas_that_train_beside_a_candidate_get_their_gradient(backend):
+    """PerforatedBackprop freezes everything but the candidates; a loop that leaves the alphas
+    trainable still gets their gradient (the dendrites' own op) and the same candidate step."""
+    grads = []
+    for train_alpha in (False, True):
+        unit, x = _candidate_unit(d=2, backend=backend)
+        for a in unit.dendrite_alpha:
+            a.requires_grad_(train_alpha)
+        y = unit(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads.append([p.grad for p in unit.candidate_parameters()] +
+                     [a.grad for a in unit.dendrite_alpha])
+    (*cand, a0, a1), (*cand_t, a0_t, a1_t) = grads
+    assert a0 is None and a1 is None
+    for g, g_t in zip(cand, cand_t):
+        torch.testing.assert_close(g_t, g)
+    w = torch.linspace(-1, 1, y.numel()).view_as(y)
+    s = torch.stack(reference.dendrite_activations(x, unit.dendrite_weight, unit.dendrite_bias,
+                                                   unit.dendrite_cascade, **unit._conv_kw))
+    for k, g in enumerate((a0_t, a1_t)):
+        torch.testing.assert_close(g, (w * s[k]).sum((0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
 def test_candidate_grads_accumulate_and_stay_off_without_grad():
     unit, x = _candidate_unit(d=0)
     target = torch.randn(2, 6, 7, 7)
