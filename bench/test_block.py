@@ -1,15 +1,23 @@
 """A dendritic depthwise-separable block (dw 3x3 unit, ReLU, pw 1x1 unit; batch 64, 64 -> 128
-channels, 32x32) on the CPU: the fused C++ path against the plain-PyTorch reference, forward and
-forward + backward (neuron phase: main weights and the dendrites' scales train, the dendrites'
-weights are frozen), with 1 and 3 dendrites per unit, NCHW and channels_last.
+channels, 32x32) on the CPU: the fused C++ path against the plain-PyTorch reference, NCHW and
+channels_last, with 0, 1 and 3 dendrites per unit:
+
+* forward, and forward + backward in the neuron phase (main weights and the dendrites' scales
+  train, the dendrites' weights are frozen), through ``pbp_fast.functional`` (D = 0: the main
+  convs alone, against ``F.conv2d``);
+* the dendrite phase: the block's two ``DendriticConv2d`` units with a candidate each and
+  everything else frozen, forward + backward, whose backward runs each unit's candidate pass
+  and bookkeeping.
 
     pytest bench/test_block.py --benchmark-only
 """
 import pytest
 import torch
+from torch import nn
 
 import pbp_fast
 from pbp_fast import functional as Fn
+from pbp_fast.nn import DendriticConv2d
 
 N, C, O, HW = 64, 64, 128, 32
 PATHS = [p for p in ("reference", "cpp") if p in pbp_fast.backends()]
@@ -46,7 +54,7 @@ def make_block(d, channels_last):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("d", [1, 3])
+@pytest.mark.parametrize("d", [0, 1, 3])
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 def test_block(benchmark, mode, d, layout, path):
     forward, params, grad_y = make_block(d, layout == "channels_last")
@@ -62,3 +70,41 @@ def test_block(benchmark, mode, d, layout, path):
                 p.grad = None
             forward(path).backward(grad_y)
     benchmark.pedantic(step, rounds=7, warmup_rounds=1)
+
+
+def candidate_block(d, channels_last, backend):
+    """The block's units in the dendrite phase: d trained dendrites and a candidate each, all
+    else frozen; returns the step (forward + backward with a dense upstream gradient)."""
+    torch.manual_seed(0)
+    units = (DendriticConv2d(nn.Conv2d(C, C, 3, padding=1, groups=C)),
+             DendriticConv2d(nn.Conv2d(C, O, 1)))
+    for u in units:
+        u.backend = backend
+        for _ in range(d):
+            u.add_dendrite()
+        u.start_candidate()
+        for p in u.parameters():
+            p.requires_grad_(False)
+        for p in u.candidate_parameters():
+            p.requires_grad_(True)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, C, HW, HW, generator=g).contiguous(memory_format=fmt)
+    grad_y = torch.randn(N, O, HW, HW, generator=g).contiguous(memory_format=fmt)
+    params = [p for u in units for p in u.candidate_parameters()]
+
+    def step():
+        for p in params:
+            p.grad = None
+        units[1](torch.relu(units[0](x))).backward(grad_y)
+    return step
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("d", [0, 1, 3])
+def test_block_dendrite_phase(benchmark, d, layout, path):
+    benchmark.group = f"block dendrite_phase D={d} {layout}"
+    benchmark.extra_info["path"] = path
+    benchmark.pedantic(candidate_block(d, layout == "channels_last", path), rounds=7,
+                       warmup_rounds=1)
