@@ -248,7 +248,9 @@ def test_compiled_pb_run_compiles_every_structure(tmp_path, monkeypatch):
 
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=backend))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    config = torch._dynamo.config  # (cache_size_limit in older torch)
+    monkeypatch.setattr(config, "recompile_limit" if hasattr(config, "recompile_limit")
+                        else "cache_size_limit", 2)
     from pbp_fast.train import config_from_args
     args = ["train", *FAST, *PB, "--model", "mobilenet_tiny", "--epochs", "3", "--compile",
             "--output-dir", str(tmp_path)]
