@@ -3,7 +3,8 @@
 the reference path of the same group and, for a benchmark whose ``extra_info["plain"]`` names the
 group of a baseline benchmark (path "plain", e.g. the model without dendrites), its time as a
 multiple of that baseline's.  The ``extra_info`` values that ``report.COLUMNS`` names (peak
-memory from the ``peak_memory`` fixture, achieved GB/s ...) go into the table too.  ``--ratios-json`` writes the table as JSON for ``bench/report.py``."""
+memory from the ``peak_memory`` fixture, achieved GB/s ...) go into the table too.
+``--ratios-json`` writes the table as JSON for ``bench/report.py``."""
 import json
 import os
 import platform

@@ -82,11 +82,9 @@ def candidate_block(d, channels_last, backend):
         u.backend = backend
         for _ in range(d):
             u.add_dendrite()
-        u.start_candidate()
-        for p in u.parameters():
-            p.requires_grad_(False)
-        for p in u.candidate_parameters():
-            p.requires_grad_(True)
+    block = nn.Sequential(units[0], nn.ReLU(), units[1]).requires_grad_(False)
+    for u in units:
+        u.start_candidate()  # new parameters, the only ones that train
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     g = torch.Generator().manual_seed(1)
     x = torch.randn(N, C, HW, HW, generator=g).contiguous(memory_format=fmt)
@@ -96,7 +94,7 @@ def candidate_block(d, channels_last, backend):
     def step():
         for p in params:
             p.grad = None
-        units[1](torch.relu(units[0](x))).backward(grad_y)
+        block(x).backward(grad_y)
     return step
 
 

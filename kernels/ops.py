@@ -125,10 +125,7 @@ def _unstack_grad(gw, d, groups):
 
 
 def _conv_geometry(x, weight_shape, stride, padding, dilation):
-    n, c_in, h, w = x.shape
-    ho = ops.conv_out_size(h, weight_shape[2], stride[0], padding[0], dilation[0])
-    wo = ops.conv_out_size(w, weight_shape[3], stride[1], padding[1], dilation[1])
-    return n, c_in, h, w, ho, wo
+    return (*x.shape, *ops.conv_out_hw(x, weight_shape[2:], stride, padding, dilation))
 
 
 def _op(name, mutates_args=()):
@@ -193,6 +190,12 @@ def _launch(kernel, grid, *args, **meta):
     wrap_triton(kernel)[grid](*args, **meta)
 
 
+def _partials(pixels, rows, c, x):
+    """The kernels' per-tile partial rows: (tiles of BP of the ``pixels`` output pixels, rows,
+    C), zeroed (rows a kernel does not need stay 0), in the accumulator dtype of ``x``."""
+    return torch.zeros((triton.cdiv(pixels, BP), rows, c), dtype=_acc_dtype(x), device=x.device)
+
+
 def _partial_sums(part):
     """Deterministic reduction of the per-tile partial rows (tiles, R, C) -> (R, C), in
     float64."""
@@ -218,12 +221,11 @@ def dendritic_conv2d_bwd(
     dk = d if s.dim() == 5 else 0
     need_ga = dk > 0 and (need_dw or need_db or need_dc)
     r = 1 + 2 * dk + dk * dk
-    tiles = triton.cdiv(n * ho * wo, BP)
     bc, _, warps = _blocks(0, c)
-    part = torch.zeros((tiles, r, c), dtype=_acc_dtype(x), device=x.device)
+    part = _partials(n * ho * wo, r, c, x)
     ga = _alloc((n, d * c, ho, wo), grad_y) if need_ga else None
     sv = s if dk else grad_y.new_empty((1, 1, 1, 1, 1))
-    _launch(dendritic_bwd_kernel, (tiles, triton.cdiv(c, bc)),
+    _launch(dendritic_bwd_kernel, (part.shape[0], triton.cdiv(c, bc)),
         grad_y, sv, d_scale, d_scale if d_cascade is None else d_cascade,
         grad_y if ga is None else ga, part, n * ho * wo, ho * wo, wo, c, c // groups,
         *grad_y.stride(), *sv.stride(), *_strides(ga), HAS_DC=d_cascade is not None and dk > 1,
@@ -262,11 +264,10 @@ def candidate_pass(
         z = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
     r = 5 + dc
     bc, bk, warps = _blocks(mode, c, dc)
-    tiles = triton.cdiv(n * ho * wo, BP)
-    part = torch.zeros((tiles, r, c), dtype=_acc_dtype(x), device=x.device)
+    part = _partials(n * ho * wo, r, c, x)
     ga = _alloc((n, c, ho, wo), e)
     sv = s if dc else e.new_empty((1, 1, 1, 1, 1))
-    _launch(candidate_kernel, (tiles, triton.cdiv(c, bc)),
+    _launch(candidate_kernel, (part.shape[0], triton.cdiv(c, bc)),
         x, weight, x if bias is None else bias, z, x if cascade is None else cascade, sv, e,
         mean_e, sign, ga, part, n * ho * wo, ho * wo, wo, c, c_in, h, w, 1.0 / (n * ho * wo),
         *x.stride(), *_strides(z), *sv.stride(), *e.stride(), *ga.stride(),

@@ -99,6 +99,14 @@ def _pick_backend(backend, x):
     return backend
 
 
+def _fused(name, backend):
+    """The registered op ``name`` of a fused backend ("cpp": the C++ op, whose CUDA kernel is
+    the Triton launcher; "triton": the Triton op itself)."""
+    if backend == "triton":
+        return getattr(ops.triton_ops(), "triton_" + name)
+    return getattr(torch.ops.pbp_fast, name)
+
+
 def _autocast(x, tensors):
     """Under autocast, cast the unit's floating tensors to the autocast dtype, as autocast does
     for a conv (the kernels accumulate in float32 whatever the storage dtype)."""
@@ -137,9 +145,7 @@ def dendritic_conv2d_with_s(x, weight, bias, d_weight, d_bias, d_scale, d_cascad
                          f"d_* tensors must agree on D")
     _shape(d_scale, "d_scale", (d, c_out))
     _shape(d_cascade, "d_cascade", (d, d, c_out))
-    y_shape = (x.shape[0], c_out) + tuple(
-        ops.conv_out_size(x.shape[2 + i], d_weight.shape[3 + i], conv[0][i], conv[1][i],
-                          conv[2][i]) for i in range(2))
+    y_shape = (x.shape[0], c_out) + ops.conv_out_hw(x, d_weight.shape[3:], *conv[:3])
     _shape(base, "base", y_shape)
     if weight is None and d == 0 and base is None:
         raise ValueError("nothing to compute: no weight, no dendrites (D = 0) and no base")
@@ -152,9 +158,8 @@ def dendritic_conv2d_with_s(x, weight, bias, d_weight, d_bias, d_scale, d_cascad
                                           *conv, base=base, save_s=save_s)
     save_s = save_s or (torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (d_weight, d_bias, d_scale, d_cascade)))
-    lib = ops.triton_ops() if backend == "triton" else torch.ops.pbp_fast
-    op = lib.triton_dendritic_conv2d_fwd if backend == "triton" else lib.dendritic_conv2d_fwd
-    return op(x, weight, bias, base, d_weight, d_bias, d_scale, d_cascade, *conv, save_s)
+    return _fused("dendritic_conv2d_fwd", backend)(x, weight, bias, base, d_weight, d_bias,
+                                                   d_scale, d_cascade, *conv, save_s)
 
 
 def dendritic_conv2d(x, weight, bias, d_weight, d_bias, d_scale, d_cascade=None, *, stride=1,
@@ -190,9 +195,7 @@ def candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, *, stride=1, pa
     _tensor(bias, "bias", 1, optional=True)
     _shape(bias, "bias", (c_out,))
     _tensor(e, "e", 4)
-    y_shape = (x.shape[0], c_out) + tuple(
-        ops.conv_out_size(x.shape[2 + i], weight.shape[2 + i], conv[0][i], conv[1][i],
-                          conv[2][i]) for i in range(2))
+    y_shape = (x.shape[0], c_out) + ops.conv_out_hw(x, weight.shape[2:], *conv[:3])
     _shape(e, "e", y_shape)
     if (cascade is None) != (s is None):
         raise ValueError("cascade and s must be given together (or both None when the unit has "
@@ -212,15 +215,16 @@ def candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, *, stride=1, pa
     backend = _pick_backend(backend, x)
     if backend == "reference" or x.shape[0] == 0:
         return reference.candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, *conv)
-    op = ops.triton_ops().triton_candidate_pass if backend == "triton" else \
-        torch.ops.pbp_fast.candidate_pass
-    return op(x, weight, bias, cascade, s, e, mean_e, sign, *conv)
+    return _fused("candidate_pass", backend)(x, weight, bias, cascade, s, e, mean_e, sign, *conv)
 
 
 def _state(t, name, shape):
+    """A candidate's running state: contiguous float64 of ``shape`` (None: any size)."""
     _tensor(t, name)
-    if tuple(t.shape) != shape or t.dtype != torch.float64 or not t.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous float64 tensor of shape {shape}, got "
+    if (t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape))
+            or t.dtype != torch.float64 or not t.is_contiguous()):
+        want = tuple("C" if s is None else s for s in shape)
+        raise ValueError(f"{name} must be a contiguous float64 tensor of shape {want}, got "
                          f"{t.dtype} {tuple(t.shape)}")
 
 
@@ -238,16 +242,13 @@ def _state_backend(backend, mean):
 def candidate_objective(mean, dtype, *, backend="auto"):
     """``(mean_e, sign)`` in ``dtype`` from a candidate's running means ``mean`` (4, Cout)
     float64 of (v, e, v*e, e*e): what :func:`candidate_pass` takes."""
-    _tensor(mean, "mean", 2)
-    _state(mean, "mean", (4, mean.shape[1]))
+    _state(mean, "mean", (4, None))
     if dtype not in _FLOATS:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     backend = _state_backend(backend, mean)
     if backend == "reference":
         return reference.candidate_objective(mean, dtype)
-    op = ops.triton_ops().triton_candidate_objective if backend == "triton" else \
-        torch.ops.pbp_fast.candidate_objective
-    return op(mean, dtype)
+    return _fused("candidate_objective", backend)(mean, dtype)
 
 
 def candidate_update(mean, count, batches, best_score, sums, n, *, warmup_batches=10,
@@ -258,8 +259,7 @@ def candidate_update(mean, count, batches, best_score, sums, n, *, warmup_batche
     score when it beats it.  All state tensors are float64 (``count``, ``batches`` and
     ``best_score`` 0-dim).  Returns that decision as a 0-dim bool tensor (snapshot the
     candidate's weights where it holds).  No host synchronisation."""
-    _tensor(mean, "mean", 2)
-    _state(mean, "mean", (4, mean.shape[1]))
+    _state(mean, "mean", (4, None))
     for name, t in (("count", count), ("batches", batches), ("best_score", best_score)):
         _state(t, name, ())
     _tensor(sums, "sums", 2)
@@ -279,7 +279,6 @@ def candidate_update(mean, count, batches, best_score, sums, n, *, warmup_batche
         for buf, value in zip((mean, count, batches, best_score), new):
             buf.copy_(value)
         return better
-    op = ops.triton_ops().triton_candidate_update if backend == "triton" else \
-        torch.ops.pbp_fast.candidate_update
-    return op(mean, count, batches, best_score, sums, n, int(warmup_batches), float(momentum),
-              float(threshold))
+    return _fused("candidate_update", backend)(mean, count, batches, best_score, sums, n,
+                                               int(warmup_batches), float(momentum),
+                                               float(threshold))

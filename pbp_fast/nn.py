@@ -375,10 +375,9 @@ def _world_size() -> int:
 class _CandidateTap(torch.autograd.Function):
     """A unit's output in the dendrite phase, y = z + sum_k alpha_k s_k (z itself, copied, with
     no trained dendrite or when the dendrites were added before), through which its candidate
-    trains.  The backward hands e = dL/dy on
-    to z unchanged (the network trains no dendrite here and x~ is detached), runs the candidate
-    pass on e, updates the running statistics and returns the candidate's gradients, which
-    autograd accumulates into their ``.grad``.  Being an autograd.Function rather than a tensor
+    trains.  The backward hands e = dL/dy on to z unchanged (x~ is detached), runs the
+    candidate pass on e, updates the running statistics and returns the candidate's gradients,
+    which autograd accumulates into their ``.grad``.  Being an autograd.Function rather than a tensor
     hook, it is traced by ``torch.compile(fullgraph=True)``; the buffers it updates are
     mutated in the backward graph."""
 
@@ -400,8 +399,7 @@ class _CandidateTap(torch.autograd.Function):
         if grads is None:  # candidate_sync applies them when the backward pass ends
             return None, e, None, None, None, None, None
         gw, gb, gc = grads
-        return (None, e, None, gw.view(ctx.unit._weight_shape), gb,
-                gc if s is not None else None, None)
+        return None, e, None, gw, gb, gc if s is not None else None, None
 
 
 def _pair(v):

@@ -72,11 +72,15 @@ def conv_out_size(size, k, stride, padding, dilation):
     return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
+def conv_out_hw(x, kernel_hw, stride, padding, dilation) -> tuple[int, int]:
+    """(Ho, Wo) of a conv of the (N, C, H, W) ``x`` with a kernel of spatial size ``kernel_hw``."""
+    return tuple(conv_out_size(x.shape[2 + i], kernel_hw[i], stride[i], padding[i], dilation[i])
+                 for i in range(2))
+
+
 def _out_shape(x, d_weight, stride, padding, dilation):
-    kh, kw = d_weight.shape[-2:]
-    return (x.shape[0], d_weight.shape[1],
-            conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0]),
-            conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1]))
+    return (x.shape[0], d_weight.shape[1]) + conv_out_hw(x, d_weight.shape[-2:], stride, padding,
+                                                          dilation)
 
 
 def _empty_like_layout(shape, like, channels_last):

@@ -249,15 +249,16 @@ def test_compiled_pb_run_compiles_every_structure(tmp_path, monkeypatch):
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=backend))
     config = torch._dynamo.config  # (cache_size_limit in older torch)
-    monkeypatch.setattr(config, "recompile_limit" if hasattr(config, "recompile_limit")
-                        else "cache_size_limit", 2)
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     from pbp_fast.train import config_from_args
     args = ["train", *FAST, *PB, "--model", "mobilenet_tiny", "--epochs", "3", "--compile",
             "--output-dir", str(tmp_path)]
     cfg = config_from_args(cli.build_parser().parse_args(args))
     per_epoch = []
-    train(cfg, log=lambda s: None, on_epoch_end=lambda rec: per_epoch.append(
-        (rec.phase, rec.event, len(graphs))))
+    # config.patch, not monkeypatch: undoing a setattr deletes the entry from Dynamo's config
+    with config.patch(**{limit: 2}):
+        train(cfg, log=lambda s: None, on_epoch_end=lambda rec: per_epoch.append(
+            (rec.phase, rec.event, len(graphs))))
     assert [p for p, _, _ in per_epoch] == ["neuron", "dendrite", "neuron"], per_epoch
     new = np.diff([0] + [n for _, _, n in per_epoch])
     assert (new >= 2).all(), per_epoch  # a train and an eval graph for every structure
