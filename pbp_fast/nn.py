@@ -377,9 +377,9 @@ class _CandidateTap(torch.autograd.Function):
     no trained dendrite or when the dendrites were added before), through which its candidate
     trains.  The backward hands e = dL/dy on to z unchanged (x~ is detached), runs the
     candidate pass on e, updates the running statistics and returns the candidate's gradients,
-    which autograd accumulates into their ``.grad``.  Being an autograd.Function rather than a tensor
-    hook, it is traced by ``torch.compile(fullgraph=True)``; the buffers it updates are
-    mutated in the backward graph."""
+    which autograd accumulates into their ``.grad``.  Being an autograd.Function rather than
+    a tensor hook, it is traced by ``torch.compile(fullgraph=True)``; the buffers it updates
+    are mutated in the backward graph."""
 
     @staticmethod
     def forward(ctx, unit, z, x, weight, bias, cascade, s=None):
