@@ -3,11 +3,16 @@ models with PB against the w = 1.0 baseline, each trained with the recipe and wi
 
     python bench/cifar_table.py --list                       # the rows and their commands
     python bench/cifar_table.py --row recipe-w1.0-pb --seeds 0 1 2 --data ../shared/data
+    python bench/cifar_table.py --row all --seeds 0 1 2 --jobs 8   # 24 runs, 8 at a time
     python bench/cifar_table.py --row recipe-w1.0-pb --smoke # CPU check: a subset, 3 epochs
     python bench/cifar_table.py --report                     # the results into README.md
 
 Each row is one ``pbp-fast train`` command, run in this process (:func:`pbp_fast.train.train`)
-once per seed into ``<out>/<row>/seed<k>``; a folder holding a ``last.pt`` is resumed.  Each
+once per seed into ``<out>/<row>/seed<k>``; a folder holding a ``last.pt`` is resumed.  With
+``--jobs N`` every (row, seed) runs in a process of its own, N at a time on the same device: one
+small-batch CIFAR run leaves most of a large GPU idle (its step is bound by kernel launches), so
+several side by side finish the table in a fraction of the time.  Their records say how many
+ran at once, since each run's time then depends on it.  Each
 finished run puts its record into the results file (``bench/results/cifar10.json``), replacing
 an earlier record of the same row, seed and mode (full or smoke).
 
@@ -21,11 +26,13 @@ evaluated, never used to choose.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -33,6 +40,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs side by side (--jobs) need a POSIX system
+    fcntl = None
 
 from pbp_fast import cli, data as data_mod
 from pbp_fast.train import config_from_args, resolve_device, train
@@ -117,13 +129,19 @@ def default_data() -> str:
 # ---------------------------------------------------------------------------------- running
 
 def smoke_data(data: str, out: Path, n_train: int) -> tuple[str, str, int]:
-    """A packed-JPEG pair of ``n_train`` training and ``n_train // 2`` test images in ``out``:
-    a stratified subset of the CIFAR-10 pair in ``data`` (a folder, or one of its files), or
-    random images when it is not there.  Returns (train file, description, validation size)."""
+    """A packed-JPEG pair of ``n_train`` training and ``n_train // 2`` test images in a folder of
+    ``out``: a stratified subset of the CIFAR-10 pair in ``data`` (a folder, or one of its files),
+    or random images when it is not there.  The pair depends only on its source and ``n_train``,
+    so it is written once (atomically) and reused, also by runs started at the same time.
+    Returns (train file, description, validation size)."""
     folder = Path(data).parent if Path(data).suffix == ".npz" else Path(data)
     real = all((folder / f"cifar10_jpeg_{s}.npz").exists() for s in ("train", "test"))
+    out = out / f"{'cifar10' if real else 'random'}-{n_train}"
     out.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", n_train), ("test", n_train // 2)):
+        path = out / f"smoke_{split}.npz"
+        if path.exists():
+            continue
         if real:
             with np.load(folder / f"cifar10_jpeg_{split}.npz") as z:
                 jpeg, offsets, labels = z["jpeg"], z["offsets"], z["labels"]
@@ -133,7 +151,9 @@ def smoke_data(data: str, out: Path, n_train: int) -> tuple[str, str, int]:
             rng = np.random.default_rng(split == "test")
             images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
             blobs, labels = data_mod.encode_jpegs(images), np.arange(n) % 10
-        data_mod.save_packed_jpeg(out / f"smoke_{split}.npz", blobs, labels)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        data_mod.save_packed_jpeg(tmp, blobs, labels)
+        os.replace(tmp, path)
     val = n_train // 5
     what = f"CIFAR-10 from {folder}" if real else "random images (no CIFAR-10 found)"
     return (str(out / "smoke_train.npz"),
@@ -148,9 +168,10 @@ def device_name(device: str) -> str:
 
 
 def run_row(row: Row, seeds, data: str, out: Path, results: Path, smoke: int | None = None,
-            log=print) -> list[dict]:
+            log=print, concurrent: int = 1) -> list[dict]:
     """Train ``row`` once per seed and record each run in ``results``; ``smoke``: that many
-    training images on the CPU with :data:`SMOKE` settings instead of the full run."""
+    training images on the CPU with :data:`SMOKE` settings instead of the full run.
+    ``concurrent``: how many runs shared the device with this one (recorded with its time)."""
     overrides, described = {}, str(data)
     if smoke:
         data, described, val = smoke_data(data, out / "data", smoke)
@@ -167,7 +188,7 @@ def run_row(row: Row, seeds, data: str, out: Path, results: Path, smoke: int | N
         result = train(cfg)
         rec = {"row": row.name, "seed": seed, "smoke": bool(smoke), "data": described,
                "device": device_name(cfg.device), "torch": torch.__version__,
-               "date": time.strftime("%Y-%m-%d"),
+               "date": time.strftime("%Y-%m-%d"), "concurrent_runs": concurrent,
                "command": shlex.join(["pbp-fast", "train", *args]),
                "params_without_dendrites": result.params - result.params_dendrites,
                "seconds": sum(r["seconds"] for r in result.history),   # resumed runs too
@@ -186,17 +207,83 @@ def load_records(path: Path) -> list[dict]:
     return json.loads(path.read_text())["records"] if path.exists() else []
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path``.lock while the body runs (runs started together by
+    ``--jobs`` update one results file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def save_record(path: Path, rec: dict) -> None:
     key = (rec["row"], rec["seed"], rec["smoke"])
-    records = [r for r in load_records(path) if (r["row"], r["seed"], r["smoke"]) != key]
-    records.append(rec)
-    order = list(ROWS)
-    records.sort(key=lambda r: (r["smoke"], order.index(r["row"]) if r["row"] in order else
-                                len(order), r["seed"]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"records": records}, indent=1) + "\n")
-    os.replace(tmp, path)
+    with _locked(path):
+        records = [r for r in load_records(path) if (r["row"], r["seed"], r["smoke"]) != key]
+        records.append(rec)
+        order = list(ROWS)
+        records.sort(key=lambda r: (r["smoke"], order.index(r["row"]) if r["row"] in order else
+                                    len(order), r["seed"]))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"records": records}, indent=1) + "\n")
+        os.replace(tmp, path)
+
+
+def prepare_data(data: str, out: Path, smoke: int | None) -> None:
+    """Write the smoke subset, or decode the full data into the decoded-image cache, once,
+    before runs are started side by side (each would otherwise decode it itself)."""
+    if smoke:
+        smoke_data(data, out / "data", smoke)
+        return
+    for train_split in (True, False):
+        data_mod.cifar10(data, train_split)
+
+
+def run_jobs(runs: list[tuple[Row, int]], jobs: int, argv: list[str], out: Path,
+             log=print) -> int:
+    """Run each (row, seed) in a process of its own, ``jobs`` at a time, and return how many
+    failed.  A child is this script with ``--row ROW --seeds SEED`` and the shared ``argv``; its
+    output goes to ``<out>/<row>/seed<k>.log``.  Each child gets cpu_count // jobs threads
+    (unless OMP_NUM_THREADS is set).  The longest runs (PB, wider) start first."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    queue = sorted(runs, key=lambda rs: (not rs[0].dendrites, -rs[0].width))
+    running, failed = {}, []
+    while queue or running:
+        while queue and len(running) < jobs:
+            row, seed = queue.pop(0)
+            logfile = out / row.name / f"seed{seed}.log"
+            logfile.parent.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--row", row.name,
+                   "--seeds", str(seed), *argv, "--concurrent", str(min(jobs, len(runs)))]
+            with open(logfile, "w") as f:
+                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+            running[proc] = (row.name, seed, logfile)
+            log(f"== started {row.name} seed {seed} (log {logfile})")
+        proc = _wait_any(running)
+        name, seed, logfile = running.pop(proc)
+        if proc.returncode:
+            failed.append((name, seed))
+            tail = logfile.read_text().splitlines()[-15:]
+            log(f"!! {name} seed {seed} failed (exit {proc.returncode}):\n   " +
+                "\n   ".join(tail))
+        else:
+            last = [ln for ln in logfile.read_text().splitlines() if ln.startswith("   test ")]
+            log(f"== finished {name} seed {seed}:{last[-1][2:] if last else ''}")
+    if failed:
+        log(f"{len(failed)} of {len(runs)} runs failed: " +
+            ", ".join(f"{n} seed {s}" for n, s in failed))
+    return len(failed)
+
+
+def _wait_any(running: dict) -> subprocess.Popen:
+    while True:
+        for proc in running:
+            if proc.poll() is not None:
+                return proc
+        time.sleep(0.5)
 
 
 # ---------------------------------------------------------------------------------- report
@@ -238,6 +325,11 @@ def _row_command(name: str, stats: Stats | None, smoke: bool) -> str:
     return f"`{SCRIPT} --row {name} --seeds {seeds}`"
 
 
+def _device(rec: dict) -> str:
+    n = rec.get("concurrent_runs", 1)
+    return rec["device"] + (f" ({n} runs at once)" if n > 1 else "")
+
+
 def table(records: list[dict], smoke: bool = False) -> str:
     stats = row_stats(records)
     names = list(ROWS) if not smoke else [n for n in ROWS if n in stats]
@@ -253,7 +345,7 @@ def table(records: list[dict], smoke: bool = False) -> str:
                      s.span("params"), s.span("params_without_dendrites"),
                      s.span("num_dendrites", "d"), s.span("epochs", "d"),
                      f"{s.mean('seconds') / 60:.1f} min",
-                     ", ".join(sorted({r["device"] for r in s.runs}))]
+                     ", ".join(sorted({_device(r) for r in s.runs}))]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {_row_command(name, s, smoke)} |")
     return "\n".join(lines)
 
@@ -321,10 +413,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--row", choices=list(ROWS), help="train this row")
+    what.add_argument("--row", nargs="+", choices=[*ROWS, "all"], metavar="ROW",
+                      help=f"train these rows ('all', or of: {', '.join(ROWS)})")
     what.add_argument("--list", action="store_true", help="list the rows and their commands")
     what.add_argument("--report", action="store_true", help="write the results into the README")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs (row and seed) side by side, each in a process of its own sharing "
+                   "the device; a run's time is then recorded with this count")
+    p.add_argument("--concurrent", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--data", default=default_data(),
                    help="CIFAR-10: a folder with cifar10_jpeg_{train,test}.npz, or one of them")
     p.add_argument("--out", default=None,
@@ -349,8 +446,19 @@ def main(argv=None) -> int:
     if args.report:
         print(write_report(args.results, args.readme))
         return 0
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
     out = Path(args.out or ("runs/cifar10-smoke" if args.smoke else "runs/cifar10"))
-    run_row(ROWS[args.row], args.seeds, args.data, out, args.results, args.smoke)
+    rows = list(ROWS.values()) if "all" in args.row else [ROWS[n] for n in dict.fromkeys(args.row)]
+    runs = [(row, seed) for row in rows for seed in dict.fromkeys(args.seeds)]
+    if args.jobs > 1 and len(runs) > 1:
+        prepare_data(args.data, out, args.smoke)
+        shared = ["--data", args.data, "--out", str(out), "--results", str(args.results),
+                  *(["--smoke", str(args.smoke)] if args.smoke else [])]
+        return 1 if run_jobs(runs, args.jobs, shared, out) else 0
+    for row in rows:
+        run_row(row, list(dict.fromkeys(args.seeds)), args.data, out, args.results, args.smoke,
+                concurrent=args.concurrent)
     return 0
 
 

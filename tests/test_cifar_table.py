@@ -1,5 +1,6 @@
 """bench/cifar_table.py: the rows share one budget and differ only where they should; a smoke row
-runs end to end on random images and --report renders its record; the targets are computed."""
+runs end to end on random images and --report renders its record; the targets are computed; runs
+side by side (--jobs) each record their result, and failed ones are reported."""
 import dataclasses
 import importlib.util
 import json
@@ -93,3 +94,25 @@ def test_targets_are_computed_from_the_means_over_seeds():
     assert "| recipe-w1.0 | 0 1 | 91.00 ± 1.41 |" in table.table(records)
     records.append(_record("recipe-w0.5-pb", 92.0, 1_200_000, 1))
     assert table.targets(records)[2].split(": ")[2].startswith("reached")
+
+
+def test_jobs_run_side_by_side_and_report_failures(tmp_path, capsys):
+    results, out = tmp_path / "results.json", tmp_path / "runs"
+    assert table.main(["--row", "plain-w0.5-pb", "recipe-w0.5-pb", "--smoke", "40", "--seeds",
+                       "3", "--jobs", "2", "--data", str(tmp_path / "no-cifar"), "--out",
+                       str(out), "--results", str(results)]) == 0
+    records = json.loads(results.read_text())["records"]
+    assert sorted(r["row"] for r in records) == ["plain-w0.5-pb", "recipe-w0.5-pb"]
+    assert all(r["seed"] == 3 and r["smoke"] and r["concurrent_runs"] == 2 for r in records)
+    for r in records:
+        log = (out / r["row"] / "seed3.log").read_text()
+        assert f"test {r['test_acc']:.2f} %" in log
+    assert "(2 runs at once)" in table.table(records, smoke=True)
+    printed = capsys.readouterr().out
+    assert printed.count("== finished") == 2 and "failed" not in printed
+
+    broken = table.Row("no-such-row", "plain", "w0.5-pb")
+    assert table.run_jobs([(broken, 0), (table.ROWS["plain-w1.0"], 0)], 2, ["--list"], out) == 2
+    printed = capsys.readouterr().out
+    assert "!! no-such-row seed 0 failed (exit 2)" in printed and "invalid choice" in printed
+    assert "2 of 2 runs failed" in printed
