@@ -346,6 +346,21 @@ class DendriticUnit(nn.Module):
     def extra_repr(self) -> str:
         return f"num_dendrites={self.num_dendrites}, candidate={self.has_candidate}"
 
+    def _apply(self, fn, recurse=True):
+        """``Module.to(memory_format=...)`` converts every 4-D and 5-D tensor, and
+        channels_last needs rank 4.  ``dendrite_weight`` (D, *W.shape) is D stacked 4-D conv
+        weights, so it is converted as one 4-D tensor (D * Cout, ...) and viewed back: each
+        dendrite's weight then has the layout the main conv's weight gets.  The parameter
+        stays the same object."""
+        shape = tuple(self.dendrite_weight.shape)
+        w = self.dendrite_weight
+        w.data = w.data.reshape(shape[0] * shape[1], *shape[2:])
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            w = self.dendrite_weight
+            w.data = w.data.view(shape)
+
     # -- state_dict ----------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -327,6 +327,41 @@ def test_channels_last_input_gives_the_same_unit(backend):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_to_channels_last_after_convert(backend):
+    """model.to(memory_format=torch.channels_last) after pbp.convert: the 5-D dendrite weights
+    (which channels_last alone cannot take) become D channels_last conv weights in place, and
+    the unit computes what it did, candidate pass included."""
+    unit, x = _candidate_unit(d=2, backend=backend)
+    cl = copy.deepcopy(unit)
+    before = {n: (p, p.shape) for n, p in cl.named_parameters()}
+    assert cl.to(memory_format=torch.channels_last) is cl
+    assert {n: (p, p.shape) for n, p in cl.named_parameters()} == before
+    for k in range(2):
+        assert cl.dendrite_weight[k].is_contiguous(memory_format=torch.channels_last)
+    assert cl.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    target = torch.randn(2, 6, 7, 7)
+    results = []
+    for u, xin in ((unit, x), (cl, x.contiguous(memory_format=torch.channels_last))):
+        y = u(xin)
+        F.mse_loss(y, target).backward()
+        results.append((y.detach(), u.candidate_weight.grad, u.candidate_stats))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 2))
+    pbp_fast.convert(net)
+    net.to(memory_format=torch.channels_last)  # no dendrites: 0 x 5-D
+    for u in (net[0], net[3]):
+        add_random_dendrites(u, 1)
+    xn = torch.randn(2, 3, 6, 6)
+    y = net.eval()(xn)
+    torch.testing.assert_close(net.to(memory_format=torch.channels_last)(xn), y)
+    torch.testing.assert_close(net.to(memory_format=torch.contiguous_format)(xn), y)
+    assert net[0].dendrite_weight.is_contiguous()
+    assert net[3].dendrite_weight.shape == (1, 2, 64, 1, 1)
+
+
 def test_linear_candidate_on_leading_dims_matches_the_reference():
     torch.manual_seed(2)
     unit = DendriticLinear(nn.Linear(5, 3))
