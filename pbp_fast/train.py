@@ -119,7 +119,8 @@ class TrainConfig:
     pb_max_tries: int = 2
     pb_improvement_threshold: float = 1e-4
     pb_schedule: str = "global"     # neuron phases: one schedule over the run, or "phase"
-    pb_lr: float | None = None      # learning rate in dendrite phases (default: lr)
+    pb_opt: str = "adamw"           # optimizer of dendrite phases (the candidates)
+    pb_lr: float | None = None      # its peak learning rate (None: PB_LR[pb_opt], or lr)
     # knowledge distillation (pbp_fast.distill)
     teacher: str | None = None      # checkpoint of a trained model to distill from
     kd_temperature: float = 4.0
@@ -177,6 +178,8 @@ class TrainConfig:
                 bad(name, "a positive number")
         if self.pb_schedule not in ("global", "phase"):
             bad("pb_schedule", "'global' or 'phase'")
+        if self.pb_opt not in OPTIMIZERS:
+            bad("pb_opt", f"one of {OPTIMIZERS}")
         if self.pb_lr is not None and (not is_num(self.pb_lr) or self.pb_lr <= 0):
             bad("pb_lr", "None or a positive number")
         for name in ("momentum", "weight_decay", "lr_min", "mixup_alpha", "cutmix_alpha",
@@ -234,16 +237,24 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> nn.Modu
                                in_channels=in_channels, dropout=cfg.dropout)
 
 
-def build_optimizer(params, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
-    """SGD (Nesterov-free, torchvision's default) or AdamW over ``params``; weight decay on
-    weight tensors only (not on 1-d parameters: biases, norms, dendrite scales)."""
+# The candidates' default peak learning rate per --pb-opt (SGD: the network's --lr).  AdamW's
+# steps do not depend on the gradient's scale; 0.01 trains a candidate well within a dendrite
+# phase (docs/core.md, "The candidates' optimizer").
+PB_LR = {"adamw": 0.01}
+
+
+def build_optimizer(params, cfg: TrainConfig, lr: float | None = None,
+                    opt: str | None = None) -> torch.optim.Optimizer:
+    """SGD (Nesterov-free, torchvision's default) or AdamW (``opt``, default ``cfg.opt``) over
+    ``params``; weight decay on weight tensors only (not on 1-d parameters: biases, norms,
+    dendrite scales)."""
     params = list(params)
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     lr = cfg.lr if lr is None else lr
-    if cfg.opt == "sgd":
+    if (opt or cfg.opt) == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=lr)
 
@@ -471,8 +482,12 @@ class _Run:
     def _build_optimizer(self) -> None:
         params = [p for p in self.model.parameters() if p.requires_grad]
         cfg = self.cfg
-        lr = cfg.pb_lr if self.phase == "dendrite" and cfg.pb_lr is not None else cfg.lr
-        self.optimizer = build_optimizer(params, self.cfg, lr)
+        if self.phase == "dendrite":
+            opt = cfg.pb_opt
+            lr = cfg.pb_lr if cfg.pb_lr is not None else PB_LR.get(opt, cfg.lr)
+        else:
+            opt, lr = cfg.opt, cfg.lr
+        self.optimizer = build_optimizer(params, cfg, lr, opt)
         self.scheduler = build_scheduler(self.optimizer, cfg, len(self.train_loader),
                                          *self._schedule())
 
@@ -811,8 +826,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add(g, "--pb-schedule", "pb_schedule", "neuron phases follow one learning-rate schedule "
         "over --epochs, as without dendrites (global), or restart it over each phase's length "
         "(phase); dendrite phases always have their own", choices=("global", "phase"))
-    add(g, "--pb-lr", "pb_lr", "peak learning rate of dendrite phases; --lr when None",
-        type=float)
+    add(g, "--pb-opt", "pb_opt", "optimizer of dendrite phases, which train only the "
+        "candidates. Their gradient has the scale of the loss's gradient at a unit's output, "
+        "orders of magnitude below the weights' (see docs/core.md), which AdamW does not mind "
+        "and SGD at the network's rate barely moves", choices=OPTIMIZERS)
+    add(g, "--pb-lr", "pb_lr", f"peak learning rate of dendrite phases (None: "
+        f"{PB_LR['adamw']:g} with AdamW, --lr with SGD)", type=float)
 
     g = parser.add_argument_group("run")
     add(g, "--seed", "seed", "seed of the split, the initialisation and every epoch's order "

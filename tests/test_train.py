@@ -1,7 +1,9 @@
 """The training loop and ``pbp-fast train``: configuration checks, the schedule, end-to-end runs on
 the CPU (digits and a synthetic CIFAR-format file), and exact resumption."""
 import csv
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +11,8 @@ import torch
 
 from pbp_fast import cli
 from pbp_fast.data import encode_jpegs, save_packed_jpeg
-from pbp_fast.train import TrainConfig, build_optimizer, build_scheduler, format_table, train
+from pbp_fast.train import (PB_LR, TrainConfig, build_optimizer, build_scheduler,
+                             format_table, train)
 
 # A tiny, fast recipe: MobileNetV2 x0.25 on 8x8 digits.
 FAST = ["--data", "digits", "--image-size", "8", "--model", "mobilenet_v2", "--width-mult",
@@ -51,7 +54,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
                                           ({"sched": "step"}, "sched"),
                                           ({"dendrites": True, "pb_n_epochs": None},
                                            "pb_n_epochs"),
-                                          ({"device": "tpu:x"}, "device")])
+                                          ({"device": "tpu:x"}, "device"),
+                                          ({"pb_opt": "lamb"}, "pb_opt")])
 def test_config_errors_name_the_field(kwargs, word):
     with pytest.raises(ValueError, match=word):
         TrainConfig(data="digits", **kwargs)
@@ -205,8 +209,41 @@ def test_pb_learning_rate_schedules(tmp_path, schedule):
     rows = _rows(pb / "metrics.csv")
     assert [r["phase"] for r in rows] == ["neuron", "dendrite", "neuron"]
     lr_pb = [float(r["lr"]) for r in rows]
-    assert lr_pb[0] == lr_base[0] and lr_pb[1] == lr_base[0]       # fresh schedules start low
+    assert lr_pb[0] == lr_base[0]                                 # fresh schedules start low
+    assert lr_pb[1] == pytest.approx(lr_base[0] * PB_LR["adamw"] / 0.05)  # the candidates' lr
     assert lr_pb[2] == pytest.approx(lr_base[2] if schedule == "global" else lr_base[0])
+
+
+def test_candidates_train_in_the_dendrite_phase(tmp_path, capsys):
+    """The candidates' objective has the tiny scale of the loss's gradient at each unit, so with
+    SGD at the network's learning rate their score (the best sum of |correlation|) hardly moves
+    from epoch to epoch, while AdamW (the default --pb-opt) keeps raising it."""
+    scores = {}
+    for opt in ("adamw", "sgd"):
+        out = tmp_path / opt
+        assert cli.main(["train", *FAST, "--dendrites", "--pb-n-epochs", "1", "--pb-p-epochs",
+                         "3", "--pb-max-dendrites", "1", "--epochs", "4", "--pb-opt", opt,
+                         "--output-dir", str(out)]) == 0
+        with open(out / "pb_history.csv", newline="") as f:
+            scores[opt] = [float(r["candidate_score"]) for r in csv.DictReader(f)
+                           if r["phase"] == "dendrite"]
+    adamw, sgd = scores["adamw"], scores["sgd"]
+    assert len(adamw) == len(sgd) == 3
+    assert adamw[2] > 1.03 * adamw[1] > 0 and adamw[2] > 1.1 * sgd[2]
+    assert sgd[2] < 1.01 * sgd[1]
+
+    # bench/candidate_optimizer.py measures the same from a checkpoint (here one with a dendrite)
+    spec = importlib.util.spec_from_file_location(
+        "candidate_optimizer", Path(__file__).resolve().parents[1] / "bench" /
+        "candidate_optimizer.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main([str(tmp_path / "sgd" / "last.pt"), "--epochs", "2", "--opts", "sgd:0",
+                       "adamw:0.01"]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()
+            if line.split()[0] in ("sgd:0", "adamw:0.01")}
+    assert float(rows["sgd:0"][1]) == 0 and float(rows["adamw:0.01"][1]) > 0.01
+    assert float(rows["adamw:0.01"][0]) > 1.1 * float(rows["sgd:0"][0])
 
 
 def test_resume_refuses_a_different_dendrites_setting(tmp_path):
