@@ -828,8 +828,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "(phase); dendrite phases always have their own", choices=("global", "phase"))
     add(g, "--pb-opt", "pb_opt", "optimizer of dendrite phases, which train only the "
         "candidates. Their gradient has the scale of the loss's gradient at a unit's output, "
-        "orders of magnitude below the weights' (see docs/core.md), which AdamW does not mind "
-        "and SGD at the network's rate barely moves", choices=OPTIMIZERS)
+        "orders of magnitude below their weights: AdamW's steps do not depend on it, SGD at "
+        "the network's rate barely moves them (docs/core.md)", choices=OPTIMIZERS)
     add(g, "--pb-lr", "pb_lr", f"peak learning rate of dendrite phases (None: "
         f"{PB_LR['adamw']:g} with AdamW, --lr with SGD)", type=float)
 
