@@ -12,9 +12,9 @@ once per seed into ``<out>/<row>/seed<k>``; a folder holding a ``last.pt`` is re
 ``--jobs N`` every (row, seed) runs in a process of its own, N at a time on the same device: one
 small-batch CIFAR run leaves most of a large GPU idle (its step is bound by kernel launches), so
 several side by side finish the table in a fraction of the time.  Their records say how many
-ran at once, since each run's time then depends on it.  Each
-finished run puts its record into the results file (``bench/results/cifar10.json``), replacing
-an earlier record of the same row, seed and mode (full or smoke).
+ran at once, since each run's time then depends on it.  Each finished run puts its record into
+the results file (``bench/results/cifar10.json``), replacing an earlier record of the same row,
+seed and mode (full or smoke).
 
 Budget: every row trains for at most ``EPOCHS`` epochs.  A PB row has fixed phases of
 ``N_EPOCHS`` neuron and ``P_EPOCHS`` dendrite epochs up to ``DENDRITES`` dendrites per unit,
