@@ -42,8 +42,9 @@ def _opt_lr(text: str) -> tuple[str, float]:
 
 def train_candidates(model, loader, cfg: TrainConfig, opt: str, lr: float, epochs: int,
                      seed: int = 0) -> dict:
-    """Fresh candidates (seeded) on the frozen ``model``, trained for ``epochs`` epochs of
-    ``loader``; returns the summed best score and the candidates' relative weight changes."""
+    """Fresh candidates (seeded; they replace any in the checkpoint) on the frozen ``model``,
+    trained for ``epochs`` epochs of ``loader``; returns the summed best score and the
+    candidates' relative weight changes."""
     model.requires_grad_(False)
     units = [m for m in model.modules() if isinstance(m, DendriticUnit)]
     torch.manual_seed(seed)
@@ -111,18 +112,13 @@ def main(argv=None) -> int:
           f"{'|grad|/|W|':>10}  {'s':>5}")
     for opt, lr in args.opts:
         model = build_model(cfg, train_set.num_classes, c)
-        if ckpt["pb"] is not None:
+        if ckpt["pb"] is not None:      # a PB run's state_dict is that of the converted model
             pbp.convert(model)
         model.load_state_dict(ckpt["model"])
-        if ckpt["pb"] is None:
-            pbp.convert(model)
+        pbp.convert(model)              # (no-op for a converted one)
         model.to(device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
-        if any(isinstance(m, DendriticUnit) and m.has_candidate for m in model.modules()):
-            for m in model.modules():
-                if isinstance(m, DendriticUnit):
-                    m.drop_candidate()
         r = train_candidates(model, loader, cfg, opt, lr, args.epochs)
         print(f"{opt + ':' + format(lr, 'g'):>14}  {r['score']:8.2f}  {r['moved_median']:14.2e}  "
               f"{r['moved_max']:11.2e}  {r['grad_ratio']:10.2e}  {r['seconds']:5.0f}",
