@@ -508,6 +508,11 @@ class _Run:
             raise ValueError(f"{path} was {'not ' if ckpt['pb'] is None else ''}trained with "
                              f"dendrites; pass the same --dendrites setting to resume it")
         saved = ckpt.get("config", {})
+        key = "pb_opt" if ckpt["pb"] is not None and ckpt["pb"]["state"] == "dendrite" else "opt"
+        had = saved.get(key, saved.get("opt"))  # before --pb-opt, dendrite phases used --opt
+        if had is not None and had != getattr(self.cfg, key):
+            raise ValueError(f"{path} holds the {had} optimizer of its current phase; pass "
+                             f"--{key.replace('_', '-')} {had} to resume it")
         ignore = {"resume", "output_dir", "progress", "device", "compile", "cache_dir"}
         diff = sorted(k for k, v in asdict(self.cfg).items()
                       if k not in ignore and k in saved and saved[k] != v)

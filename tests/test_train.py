@@ -246,11 +246,21 @@ def test_candidates_train_in_the_dendrite_phase(tmp_path, capsys):
     assert float(rows["adamw:0.01"][0]) > 1.1 * float(rows["sgd:0"][0])
 
 
-def test_resume_refuses_a_different_dendrites_setting(tmp_path):
+def test_resume_refuses_a_different_dendrites_setting_or_optimizer(tmp_path):
     out = tmp_path / "run"
     assert cli.main(["train", *FAST, "--epochs", "1", "--output-dir", str(out)]) == 0
     with pytest.raises(ValueError, match="dendrites"):
         cli.main(["train", *FAST, *PB, "--epochs", "2", "--resume", str(out)])
+    with pytest.raises(ValueError, match="pass --opt sgd to resume"):
+        cli.main(["train", *FAST, "--opt", "adamw", "--epochs", "2", "--resume", str(out)])
+    pb = tmp_path / "pb"   # stopped at the start of a dendrite phase: its optimizer is --pb-opt's
+    assert cli.main(["train", *FAST, *PB, "--epochs", "1", "--output-dir", str(pb)]) == 0
+    assert torch.load(pb / "last.pt", weights_only=True)["pb"]["state"] == "dendrite"
+    with pytest.raises(ValueError, match="pass --pb-opt adamw to resume"):
+        cli.main(["train", *FAST, *PB, "--pb-opt", "sgd", "--epochs", "2", "--resume", str(pb)])
+    with pytest.warns(UserWarning, match=r"differ from the saved run: \['epochs', 'opt'\]"):
+        assert cli.main(["train", *FAST, *PB, "--opt", "adamw", "--epochs", "2", "--resume",
+                         str(pb)]) == 0   # --opt is not the dendrite phase's optimizer
 
 
 def _write_npz(path, n, seed):
