@@ -241,14 +241,25 @@ def prepare_data(data: str, out: Path, smoke: int | None) -> None:
         data_mod.cifar10(data, train_split)
 
 
+def gpus() -> list[str]:
+    """The GPUs that runs side by side are spread over: the entries of CUDA_VISIBLE_DEVICES
+    when it is set, else every GPU torch sees."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
 def run_jobs(runs: list[tuple[Row, int]], jobs: int, argv: list[str], out: Path,
              log=print) -> int:
     """Run each (row, seed) in a process of its own, ``jobs`` at a time, and return how many
     failed.  A child is this script with ``--row ROW --seeds SEED`` and the shared ``argv``; its
     output goes to ``<out>/<row>/seed<k>.log``.  Each child gets cpu_count // jobs threads
-    (unless OMP_NUM_THREADS is set).  The longest runs (PB, wider) start first."""
+    (unless OMP_NUM_THREADS is set) and, with several GPUs (:func:`gpus`), the one running the
+    fewest children.  The longest runs (PB, wider) start first."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    devices = gpus()
     queue = sorted(runs, key=lambda rs: (not rs[0].dendrites, -rs[0].width))
     running, failed = {}, []
     while queue or running:
@@ -258,12 +269,16 @@ def run_jobs(runs: list[tuple[Row, int]], jobs: int, argv: list[str], out: Path,
             logfile.parent.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, str(Path(__file__).resolve()), "--row", row.name,
                    "--seeds", str(seed), *argv, "--concurrent", str(min(jobs, len(runs)))]
+            gpu, where = None, ""
+            if len(devices) > 1:
+                gpu = min(devices, key=lambda d: sum(r[3] == d for r in running.values()))
+                env["CUDA_VISIBLE_DEVICES"], where = gpu, f" on GPU {gpu}"
             with open(logfile, "w") as f:
                 proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-            running[proc] = (row.name, seed, logfile)
-            log(f"== started {row.name} seed {seed} (log {logfile})")
+            running[proc] = (row.name, seed, logfile, gpu)
+            log(f"== started {row.name} seed {seed}{where} (log {logfile})")
         proc = _wait_any(running)
-        name, seed, logfile = running.pop(proc)
+        name, seed, logfile, _ = running.pop(proc)
         if proc.returncode:
             failed.append((name, seed))
             tail = logfile.read_text().splitlines()[-15:]

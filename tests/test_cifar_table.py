@@ -96,7 +96,7 @@ def test_targets_are_computed_from_the_means_over_seeds():
     assert table.targets(records)[2].split(": ")[2].startswith("reached")
 
 
-def test_jobs_run_side_by_side_and_report_failures(tmp_path, capsys):
+def test_jobs_run_side_by_side_and_report_failures(tmp_path, capsys, monkeypatch):
     results, out = tmp_path / "results.json", tmp_path / "runs"
     assert table.main(["--row", "plain-w0.5-pb", "recipe-w0.5-pb", "--smoke", "40", "--seeds",
                        "3", "--jobs", "2", "--data", str(tmp_path / "no-cifar"), "--out",
@@ -112,7 +112,12 @@ def test_jobs_run_side_by_side_and_report_failures(tmp_path, capsys):
     assert printed.count("== finished") == 2 and "failed" not in printed
 
     broken = table.Row("no-such-row", "plain", "w0.5-pb")
-    assert table.run_jobs([(broken, 0), (table.ROWS["plain-w1.0"], 0)], 2, ["--list"], out) == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")   # runs spread over the GPUs given
+    runs = [(broken, 0), (table.ROWS["plain-w1.0"], 0), (table.ROWS["plain-w1.0"], 1)]
+    assert table.run_jobs(runs, 2, ["--list"], out) == 3
     printed = capsys.readouterr().out
     assert "!! no-such-row seed 0 failed (exit 2)" in printed and "invalid choice" in printed
-    assert "2 of 2 runs failed" in printed
+    assert "3 of 3 runs failed" in printed
+    started = [line.split(" on GPU ")[1].split()[0] for line in printed.splitlines()
+               if line.startswith("== started")]
+    assert sorted(started[:2]) == ["3", "5"] and started[2] in ("3", "5")
