@@ -11,10 +11,10 @@ Each row is one ``pbp-fast train`` command, run in this process (:func:`pbp_fast
 once per seed into ``<out>/<row>/seed<k>``; a folder holding a ``last.pt`` is resumed.  With
 ``--jobs N`` every (row, seed) runs in a process of its own, N at a time on the same device: the
 step of one batch-256 CIFAR run is bound by kernel launches and leaves most of a large GPU idle,
-so several side by side should finish the table in a fraction of the time (not yet measured).  Their records say how many
-ran at once, since each run's time then depends on it.  Each finished run puts its record into
-the results file (``bench/results/cifar10.json``), replacing an earlier record of the same row,
-seed and mode (full or smoke).
+so several side by side should finish the table in a fraction of the time (not yet measured).
+Their records say how many ran at once, since each run's time then depends on it.  Each finished
+run puts its record into the results file (``bench/results/cifar10.json``), replacing an earlier
+record of the same row, seed and mode (full or smoke).
 
 Budget: every row trains for at most ``EPOCHS`` epochs.  A PB row has fixed phases of
 ``N_EPOCHS`` neuron and ``P_EPOCHS`` dendrite epochs up to ``DENDRITES`` dendrites per unit,
