@@ -9,7 +9,7 @@ models with PB against the w = 1.0 baseline, each trained with the recipe and wi
 
 Each row is one ``pbp-fast train`` command, run in this process (:func:`pbp_fast.train.train`)
 once per seed into ``<out>/<row>/seed<k>``; a folder holding a ``last.pt`` is resumed.  With
-``--jobs N`` every (row, seed) runs in a process of its own, N at a time on the same device: the
+``--jobs N`` every (row, seed) runs in a process of its own, N at a time, sharing the GPUs: the
 step of one batch-256 CIFAR run is bound by kernel launches and leaves most of a large GPU idle,
 so several side by side should finish the table in a fraction of the time (not yet measured).
 Their records say how many ran at once, since each run's time then depends on it.  Each finished
