@@ -27,32 +27,28 @@ from dataclasses import replace
 import torch
 
 import pbp_fast as pbp
-from pbp_fast import augment as aug, data as data_mod
-from pbp_fast.nn import DendriticUnit
-from pbp_fast.train import (TrainConfig, build_model, build_optimizer, build_scheduler,
-                            load_data, resolve_device)
+from pbp_fast.train import (OPTIMIZERS, TrainConfig, build_model, build_optimizer,
+                            build_scheduler, build_train_loader, load_data, resolve_device)
 
 
 def _opt_lr(text: str) -> tuple[str, float]:
     opt, _, lr = text.partition(":")
-    if opt not in ("sgd", "adamw") or not lr:
+    if opt not in OPTIMIZERS or not lr:
         raise argparse.ArgumentTypeError(f"expected sgd:LR or adamw:LR, got {text!r}")
     return opt, float(lr)
 
 
 def train_candidates(model, loader, cfg: TrainConfig, opt: str, lr: float, epochs: int,
                      seed: int = 0) -> dict:
-    """Fresh candidates (seeded; they replace any in the checkpoint) on the frozen ``model``,
-    trained for ``epochs`` epochs of ``loader``; returns the summed best score and the
-    candidates' relative weight changes."""
-    model.requires_grad_(False)
-    units = [m for m in model.modules() if isinstance(m, DendriticUnit)]
+    """Fresh candidates (seeded; they replace any in the checkpoint) on ``model``, frozen the way
+    the controller enters a dendrite phase, trained for ``epochs`` epochs of ``loader``; returns
+    the summed best score and the candidates' relative weight changes."""
+    pb = pbp.PerforatedBackprop(model, switch_mode="fixed", n_epochs=1, p_epochs=epochs,
+                                max_dendrites=10**6)
     torch.manual_seed(seed)
-    for u in units:
-        u.start_candidate()
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = 0.0
+    if pb.add_validation_score(0.0).phase != "dendrite":
+        raise RuntimeError("the controller did not enter a dendrite phase")
+    units = list(pb.units.values())
     start = [u.candidate_weight.detach().clone() for u in units]
     params = [p for u in units for p in u.candidate_parameters()]
     optimizer = build_optimizer(params, cfg, lr, opt)
@@ -101,11 +97,7 @@ def main(argv=None) -> int:
     splits = load_data(cfg)
     train_set = splits.train.to(device)
     c = train_set.image_shape[0]
-    transform = aug.TrainTransform(cfg.random_crop_padding, cfg.hflip, cfg.auto_augment,
-                                   cfg.ra_magnitude, cfg.ra_num_ops)
-    loader = data_mod.BatchLoader(train_set, min(cfg.batch_size, len(train_set)), shuffle=True,
-                                  drop_last=True, transform=transform, seed=cfg.seed,
-                                  channels_last=cfg.channels_last)
+    loader = build_train_loader(cfg, train_set)
     print(f"{args.checkpoint}: {cfg.model} x{cfg.width_mult:g}, epoch {ckpt['epoch']}; "
           f"{args.epochs} epochs of {len(loader)} batches of {loader.batch_size} on {device}")
     print(f"{'optimizer':>14}  {'score':>8}  {'moved (median)':>14}  {'moved (max)':>11}  "

@@ -465,15 +465,15 @@ def main(argv=None) -> int:
         p.error("--jobs must be at least 1")
     out = Path(args.out or ("runs/cifar10-smoke" if args.smoke else "runs/cifar10"))
     rows = list(ROWS.values()) if "all" in args.row else [ROWS[n] for n in dict.fromkeys(args.row)]
-    runs = [(row, seed) for row in rows for seed in dict.fromkeys(args.seeds)]
+    seeds = list(dict.fromkeys(args.seeds))
+    runs = [(row, seed) for row in rows for seed in seeds]
     if args.jobs > 1 and len(runs) > 1:
         prepare_data(args.data, out, args.smoke)
         shared = ["--data", args.data, "--out", str(out), "--results", str(args.results),
                   *(["--smoke", str(args.smoke)] if args.smoke else [])]
         return 1 if run_jobs(runs, args.jobs, shared, out) else 0
     for row in rows:
-        run_row(row, list(dict.fromkeys(args.seeds)), args.data, out, args.results, args.smoke,
-                concurrent=args.concurrent)
+        run_row(row, seeds, args.data, out, args.results, args.smoke, concurrent=args.concurrent)
     return 0
 
 

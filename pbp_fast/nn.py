@@ -352,14 +352,13 @@ class DendriticUnit(nn.Module):
         weights, so it is converted as one 4-D tensor (D * Cout, ...) and viewed back: each
         dendrite's weight then has the layout the main conv's weight gets.  The parameter
         stays the same object."""
-        shape = tuple(self.dendrite_weight.shape)
         w = self.dendrite_weight
+        shape = tuple(w.shape)
         w.data = w.data.reshape(shape[0] * shape[1], *shape[2:])
         try:
             return super()._apply(fn, recurse)
-        finally:
-            w = self.dendrite_weight
-            w.data = w.data.view(shape)
+        finally:  # the attribute again: _apply may have put a new tensor there
+            self.dendrite_weight.data = self.dendrite_weight.data.view(shape)
 
     # -- state_dict ----------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

@@ -237,6 +237,22 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> nn.Modu
                                in_channels=in_channels, dropout=cfg.dropout)
 
 
+def build_train_loader(cfg: TrainConfig,
+                       train_set: data_mod.ImageDataset) -> data_mod.BatchLoader:
+    """Shuffled batches of ``train_set`` (last partial one dropped) with the training
+    augmentation of ``cfg``."""
+    transform = aug.TrainTransform(cfg.random_crop_padding, cfg.hflip, cfg.auto_augment,
+                                   cfg.ra_magnitude, cfg.ra_num_ops)
+    return data_mod.BatchLoader(train_set, min(cfg.batch_size, len(train_set)), shuffle=True,
+                                drop_last=True, transform=transform, seed=cfg.seed,
+                                channels_last=cfg.channels_last)
+
+
+def optimizer_field(phase: str) -> str:
+    """The TrainConfig field naming the optimizer of a phase: dendrite phases have their own."""
+    return "pb_opt" if phase == "dendrite" else "opt"
+
+
 # The candidates' default peak learning rate per --pb-opt (SGD: the network's --lr).  AdamW's
 # steps do not depend on the gradient's scale; 0.01 trains a candidate well within a dendrite
 # phase (docs/core.md, "The candidates' optimizer").
@@ -423,12 +439,8 @@ class _Run:
         train_set = self.splits.train
         c, h, w = train_set.image_shape
         self.num_classes = train_set.num_classes
-        transform = aug.TrainTransform(cfg.random_crop_padding, cfg.hflip, cfg.auto_augment,
-                                       cfg.ra_magnitude, cfg.ra_num_ops)
         kw = dict(channels_last=cfg.channels_last)
-        self.train_loader = distributed.shard(data_mod.BatchLoader(
-            train_set, min(cfg.batch_size, len(train_set)), shuffle=True, drop_last=True,
-            transform=transform, seed=cfg.seed, **kw))
+        self.train_loader = distributed.shard(build_train_loader(cfg, train_set))
         self.val_loader = distributed.shard(
             data_mod.BatchLoader(self.splits.val, cfg.eval_batch_size, **kw))
         self.test_loader = distributed.shard(
@@ -482,11 +494,10 @@ class _Run:
     def _build_optimizer(self) -> None:
         params = [p for p in self.model.parameters() if p.requires_grad]
         cfg = self.cfg
+        opt = getattr(cfg, optimizer_field(self.phase))
+        lr = cfg.lr
         if self.phase == "dendrite":
-            opt = cfg.pb_opt
             lr = cfg.pb_lr if cfg.pb_lr is not None else PB_LR.get(opt, cfg.lr)
-        else:
-            opt, lr = cfg.opt, cfg.lr
         self.optimizer = build_optimizer(params, cfg, lr, opt)
         self.scheduler = build_scheduler(self.optimizer, cfg, len(self.train_loader),
                                          *self._schedule())
@@ -508,7 +519,7 @@ class _Run:
             raise ValueError(f"{path} was {'not ' if ckpt['pb'] is None else ''}trained with "
                              f"dendrites; pass the same --dendrites setting to resume it")
         saved = ckpt.get("config", {})
-        key = "pb_opt" if ckpt["pb"] is not None and ckpt["pb"]["state"] == "dendrite" else "opt"
+        key = optimizer_field(ckpt["pb"]["state"] if ckpt["pb"] is not None else "neuron")
         had = saved.get(key, saved.get("opt"))  # before --pb-opt, dendrite phases used --opt
         if had is not None and had != getattr(self.cfg, key):
             raise ValueError(f"{path} holds the {had} optimizer of its current phase; pass "
