@@ -2,18 +2,20 @@
 
     pip install --no-build-isolation -e .      (or without -e)
 
-A CppExtension (OpenMP) is always built from csrc/*.cpp and csrc/cpu/*.cpp; the CUDA sources in
-csrc/cuda are added when a CUDA toolkit and a CUDA build of torch are both present.
+A CppExtension (OpenMP) is built from csrc/*.cpp and csrc/cpu/*.cpp, in the C++ standard that
+the installed torch's headers require (C++17 up to torch 2.13, C++20 from 2.14).  The CUDA
+kernels are Triton's (kernels/, installed as pbp_fast.kernels), compiled at run time.
 """
 import glob
 import os
+import re
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 try:
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    import torch  # noqa: F401
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, include_paths
 except ImportError:
     sys.exit("pbp_fast: torch must be installed before building (e.g. `pip install torch`), "
              "then run `pip install --no-build-isolation .`")
@@ -25,14 +27,22 @@ def rel(pattern):
     return sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, pattern)))
 
 
-sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-cuda_sources = rel("csrc/cuda/*.cu")
-with_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None \
-    and os.environ.get("PBP_FAST_NO_CUDA", "0") != "1"
+def cxx_standard() -> str:
+    """The standard the installed torch needs: ATen/ATen.h stops compilers whose __cplusplus is
+    below it (201703L: C++17; 202002L: C++20)."""
+    for inc in include_paths():
+        header = os.path.join(inc, "ATen", "ATen.h")
+        if os.path.isfile(header):
+            with open(header) as f:
+                found = re.search(r"__cplusplus\s*<\s*(\d{4})\d{2}L", f.read())
+            if found:
+                return "c++20" if int(found.group(1)) >= 2020 else "c++17"
+    return "c++17"
+
 
 openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
 # -fno-trapping-math lets the compiler vectorise the clamps of the sigmoid; results are unchanged.
-cxx_flags = ["-O3", "-std=c++17", "-fno-trapping-math", "-fno-math-errno", *openmp]
+cxx_flags = ["-O3", f"-std={cxx_standard()}", "-fno-trapping-math", "-fno-math-errno", *openmp]
 
 
 def host_has(*flags):
@@ -53,19 +63,12 @@ if os.environ.get("PBP_FAST_NATIVE", "0") == "1":
     cxx_flags.append("-march=native")
 elif os.environ.get("PBP_FAST_PORTABLE", "0") != "1" and host_has("avx2", "fma"):
     cxx_flags += ["-mavx2", "-mfma"]
-ext_kwargs = dict(
-    name="pbp_fast._C",
-    sources=sources + (cuda_sources if with_cuda else []),
-    extra_compile_args={"cxx": cxx_flags + (["-DPBP_WITH_CUDA"] if with_cuda else []),
-                        "nvcc": ["-O3", "--use_fast_math"]},
-    extra_link_args=openmp,
-    py_limited_api=False,
-)
-ext = CUDAExtension(**ext_kwargs) if with_cuda else CppExtension(**ext_kwargs)
 
 setup(
-    packages=["pbp_fast", "pbp_fast.kernels"],
-    package_dir={"pbp_fast": "pbp_fast", "pbp_fast.kernels": "kernels"},
-    ext_modules=[ext],
+    packages=find_packages(include=["pbp_fast", "pbp_fast.*"]) + ["pbp_fast.kernels"],
+    package_dir={"pbp_fast.kernels": "kernels"},
+    ext_modules=[CppExtension(name="pbp_fast._C", sources=rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp"),
+                              extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp,
+                              py_limited_api=False)],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

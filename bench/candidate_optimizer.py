@@ -27,8 +27,10 @@ from dataclasses import replace
 import torch
 
 import pbp_fast as pbp
-from pbp_fast.train import (OPTIMIZERS, TrainConfig, build_model, build_optimizer,
-                            build_scheduler, build_train_loader, load_data, resolve_device)
+from pbp_fast.distributed import resolve_device
+from pbp_fast.recipe.config import OPTIMIZERS, TrainConfig
+from pbp_fast.recipe.optim import build_optimizer, build_scheduler
+from pbp_fast.recipe.trainer import build_model, build_train_loader, load_data
 
 
 def _opt_lr(text: str) -> tuple[str, float]:
@@ -49,7 +51,7 @@ def train_candidates(model, loader, cfg: TrainConfig, opt: str, lr: float, epoch
     if pb.add_validation_score(0.0).phase != "dendrite":
         raise RuntimeError("the controller did not enter a dendrite phase")
     units = list(pb.units.values())
-    start = [u.candidate_weight.detach().clone() for u in units]
+    start = [u.candidate.weight.detach().clone() for u in units]
     params = [p for u in units for p in u.candidate_parameters()]
     optimizer = build_optimizer(params, cfg, lr, opt)
     scheduler = build_scheduler(optimizer, cfg, len(loader), epochs)
@@ -67,13 +69,13 @@ def train_candidates(model, loader, cfg: TrainConfig, opt: str, lr: float, epoch
             loss.backward()
             if grad_ratio is None:
                 grad_ratio = statistics.median(
-                    float(u.candidate_weight.grad.norm() / u.candidate_weight.detach().norm())
+                    float(u.candidate.weight.grad.norm() / u.candidate.weight.detach().norm())
                     for u in units)
             optimizer.step()
             scheduler.step()
-    moved = [float((u.candidate_weight.detach() - w0).norm() / w0.norm())
+    moved = [float((u.candidate.weight.detach() - w0).norm() / w0.norm())
              for u, w0 in zip(units, start)]
-    return {"score": float(sum(u.candidate_best_score for u in units)),
+    return {"score": float(sum(u.candidate.best_score for u in units)),
             "moved_median": statistics.median(moved), "moved_max": max(moved),
             "grad_ratio": grad_ratio,
             "seconds": time.perf_counter() - t0}

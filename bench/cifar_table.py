@@ -7,7 +7,7 @@ models with PB against the w = 1.0 baseline, each trained with the recipe and wi
     python bench/cifar_table.py --row recipe-w1.0-pb --smoke # CPU check: a subset, 3 epochs
     python bench/cifar_table.py --report                     # the results into README.md
 
-Each row is one ``pbp-fast train`` command, run in this process (:func:`pbp_fast.train.train`)
+Each row is one ``pbp-fast train`` command, run in this process (:func:`pbp_fast.recipe.train`)
 once per seed into ``<out>/<row>/seed<k>``; a folder holding a ``last.pt`` is resumed.  With
 ``--jobs N`` every (row, seed) runs in a process of its own, N at a time, sharing the GPUs: the
 step of one batch-256 CIFAR run is bound by kernel launches and leaves most of a large GPU idle,
@@ -46,8 +46,11 @@ try:
 except ImportError:  # Windows: runs side by side (--jobs) need a POSIX system
     fcntl = None
 
-from pbp_fast import cli, data as data_mod
-from pbp_fast.train import config_from_args, resolve_device, train
+from pbp_fast import cli
+from pbp_fast.distributed import resolve_device
+from pbp_fast.recipe import data as data_mod
+from pbp_fast.recipe.flags import config_from_args
+from pbp_fast.recipe.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "cifar10.json"

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 import pbp_fast as pbp
-from pbp_fast import export
+from pbp_fast.cli.export import parse_threads
+from pbp_fast.deploy import report as export
 
 
 def dendritic_model(name: str, width: float, d: int, seed: int = 0):
@@ -34,7 +35,7 @@ def dendritic_model(name: str, width: float, d: int, seed: int = 0):
 def calibration_batches(data, n: int):
     if data is None:
         return [torch.randn(32, 3, 32, 32) for _ in range(max(1, n // 32))]
-    from pbp_fast import data as data_mod
+    from pbp_fast.recipe import data as data_mod
     train = data_mod.cifar10(data, train=True, download=False)
     subset = train.subset(data_mod.stratified_order(train.labels.numpy(), 0)[:n])
     return list(data_mod.BatchLoader(subset, 32))
@@ -52,7 +53,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     calib = calibration_batches(args.data, args.calibration_images)
     example = calib[0][0][:1] if isinstance(calib[0], (tuple, list)) else calib[0][:1]
-    threads = export._threads(args.threads)
+    threads = parse_threads(args.threads)
     print(export.machine())
     for d in args.dendrites:
         model = dendritic_model(args.model, args.width_mult, d)

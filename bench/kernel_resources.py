@@ -10,8 +10,9 @@ How: the model's steps (neuron phase with 0, 1 and 3 dendrites, dendrite phase w
 trained dendrites; channels_last, as on the GPU) run on the CPU with the C++ backend, under a
 dispatch mode that records every ``pbp_fast::`` op call.  Each call is replayed, with its
 floating tensors in the GPU's dtype (bfloat16 under autocast: every tensor of a unit shares one
-dtype), through the Triton launchers (kernels/ops.py) with the launch itself replaced by a
-recorder, which gives the exact kernel, arguments and meta-parameters of the GPU path.  Each distinct
+dtype), through the Triton launchers (kernels/dendritic_conv2d.py, kernels/candidate.py) with
+the launch itself replaced by a recorder, which gives the exact kernel, arguments and
+meta-parameters of the GPU path.  Each distinct
 specialisation is then compiled with ``triton.compile`` for the target and the cubin's resource
 usage read with ``cuobjdump``.
 
@@ -43,7 +44,15 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 import pbp_fast as pbp  # noqa: E402
-import pbp_fast.kernels.ops as kops  # noqa: E402
+from pbp_fast.kernels import candidate as kcand  # noqa: E402
+from pbp_fast.kernels import common as kcommon  # noqa: E402
+from pbp_fast.kernels import dendritic_conv2d as kconv  # noqa: E402
+
+LAUNCHERS = {"dendritic_conv2d_fwd": kconv.dendritic_conv2d_fwd,
+             "dendritic_conv2d_bwd": kconv.dendritic_conv2d_bwd,
+             "candidate_pass": kcand.candidate_pass,
+             "candidate_objective": kcand.candidate_objective,
+             "candidate_update": kcand.candidate_update}
 
 # the meta-parameters worth a column, in this order
 META = ("MODE", "D", "DC", "KH", "BC", "BK", "NEED_GA", "SAVE_S", "HAS_DC", "PREC", "ACC")
@@ -101,14 +110,14 @@ def launches(calls, dtype=torch.bfloat16):
     """The Triton launches (kernel, args, meta) that the GPU path makes for these op calls with
     ``dtype`` tensors."""
     out = []
-    real = kops._launch
-    kops._launch = lambda kernel, grid, *args, **meta: out.append((kernel, args, meta))
+    real = kcommon.launch
+    kcommon.launch = lambda kernel, grid, *args, **meta: out.append((kernel, args, meta))
     try:
         for name, args, kwargs in calls:
-            getattr(kops, name)(*(_cast(a, dtype) for a in args),
+            LAUNCHERS[name](*(_cast(a, dtype) for a in args),
                                 **{k: _cast(v, dtype) for k, v in kwargs.items()})
     finally:
-        kops._launch = real
+        kcommon.launch = real
     return out
 
 

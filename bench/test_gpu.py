@@ -134,15 +134,16 @@ TILES = [(32, 4), (64, 4), (32, 8), (64, 8)]  # (channels per program cap, warps
 @pytest.mark.parametrize("d", [1, 3])
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_tile_sweep(benchmark, monkeypatch, name, d, op, tile):
-    """Tile candidates for the Triton kernels (``kernels.ops._blocks``: channels per program,
+    """Tile candidates for the Triton kernels (``kernels.common.blocks``: channels per program,
     warps; 64 pixels), each against the reference in the same group: the measurement that the
     defaults, chosen so far from the compiler's register report (bench/kernel_resources.py),
     wait for."""
-    from pbp_fast.kernels import ops as kops
+    from pbp_fast.kernels import candidate, common, dendritic_conv2d
     if tile != "reference":
         bc, warps = tile
-        monkeypatch.setattr(kops, "_blocks", lambda mode, c, dd=0: (
-            min(bc, max(16, kops._pow2(c))), 32, warps))
+        for family in (dendritic_conv2d, candidate):  # each launcher's own name of blocks()
+            monkeypatch.setattr(family, "blocks", lambda mode, c, dd=0: (
+                min(bc, max(16, common.pow2(c))), 32, warps))
     benchmark.group = f"gpu tiles {name} {op} D={d}"
     benchmark.extra_info["path"] = "reference" if tile == "reference" else \
         f"BC<={tile[0]}, {tile[1]} warps"

@@ -1,5 +1,5 @@
 // Op schemas of pbp_fast: the one registry every backend implements (CPU in csrc/cpu, CUDA in
-// kernels/ and csrc/cuda). Fake implementations and autograd live in pbp_fast/ops.py.
+// kernels/, Triton). Fake implementations and autograd live in pbp_fast/ops/.
 #include <Python.h>
 #include <torch/library.h>
 

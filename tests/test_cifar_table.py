@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pbp_fast import cli
-from pbp_fast.train import config_from_args
+from pbp_fast.recipe import config_from_args
 
 spec = importlib.util.spec_from_file_location(
     "cifar_table", Path(__file__).resolve().parents[1] / "bench" / "cifar_table.py")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import pbp_fast as pbp
-from pbp_fast.controller import PBConfig
+from pbp_fast.core import PBConfig
 
 
 def _model(seed=0):
@@ -26,7 +26,7 @@ def _feed(pb, scores, candidate=None):
     for s in scores:
         if pb.phase == "dendrite" and candidate is not None:
             for u in pb.units.values():
-                u.candidate_best_score.fill_(candidate(pb.phase_epoch + 1))
+                u.candidate.best_score.fill_(candidate(pb.phase_epoch + 1))
         out.append(pb.add_validation_score(s))
     return out
 
@@ -90,14 +90,14 @@ def test_failed_dendrite_set_restores_and_retries_then_stops():
     pb = pbp.PerforatedBackprop(model, n_patience=2, p_patience=1, max_tries=2)
     ds = _feed(pb, [0.8, 0.7, 0.7])  # best 0.8 at epoch 1, restored; candidates started
     best = {k: v.clone() for k, v in model.state_dict().items() if "candidate" not in k}
-    first_candidate = model[0].candidate_weight.detach().clone()
+    first_candidate = model[0].candidate.weight.detach().clone()
     ds += _feed(pb, [0.8])  # dendrite phase: no candidate improves, ends after 1 epoch
     assert pb.num_dendrites == 1 and pb.phase == "neuron"
     ds += _feed(pb, [0.75, 0.79, 0.78, 0.77])  # improves within the stage, never beats 0.8
     assert ds[-1].event == "retry" and ds[-1].restored and ds[-1].phase == "dendrite"
     assert pb.num_dendrites == 0  # the best model had no dendrites
     assert all(u.has_candidate for u in pb.units.values())
-    assert not torch.equal(model[0].candidate_weight, first_candidate)  # fresh candidates
+    assert not torch.equal(model[0].candidate.weight, first_candidate)  # fresh candidates
     for k, v in best.items():
         assert torch.equal(model.state_dict()[k], v), k
     ds += _feed(pb, [0.8, 0.8, 0.7, 0.7])  # 0.8 does not beat 0.8: second failure, stop

@@ -12,7 +12,7 @@ from torch import nn
 from conftest import DSBlock, randomise_bn
 
 import pbp_fast as pbp
-from pbp_fast.nn import DendriticConv2d, DendriticLinear
+from pbp_fast.core import DendriticConv2d, DendriticLinear
 
 
 

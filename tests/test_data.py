@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pbp_fast import augment, data
+from pbp_fast.recipe import augment, data
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data"
 CLASSES = [f"class{i}" for i in range(10)]

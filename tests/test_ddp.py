@@ -19,7 +19,7 @@ from torch import nn
 
 import pbp_fast as pbp
 from pbp_fast import distributed
-from pbp_fast.data import BatchLoader, ImageDataset
+from pbp_fast.recipe.data import BatchLoader, ImageDataset
 
 WORLD = 2
 BATCH = 16            # the global batch: 8 per rank

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from pbp_fast import cli, demo
+from pbp_fast import cli
+from pbp_fast.recipe import demo
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,9 +16,9 @@ from torch import nn
 from conftest import add_random_dendrites, randomise_bn
 import pbp_fast as pbp
 from pbp_fast import deploy
-from pbp_fast.checkpoint import load_checkpoint
+from pbp_fast.recipe.checkpoint import load_checkpoint
 from pbp_fast.deploy import FoldedDendriticUnit
-from pbp_fast.nn import DendriticConv2d, DendriticLinear, DendriticUnit
+from pbp_fast.core import DendriticConv2d, DendriticLinear, DendriticUnit
 
 LAYERS = {  # (layer, input shape)
     "dense3x3": (lambda: nn.Conv2d(4, 6, 3, padding=1), (2, 4, 7, 7)),
@@ -206,7 +206,7 @@ def test_verify_onnx_fails_when_the_model_differs(tmp_path):
 def _digits_model_and_data():
     """A small CNN trained for a few seconds on 8x8 digits (about 95 % test accuracy), then
     converted and trained on with one dendrite per unit (neuron phase: the new alphas train)."""
-    from pbp_fast import data as data_mod
+    from pbp_fast.recipe import data as data_mod
     splits = data_mod.digits(size=8, seed=0)
     loaders = {k: data_mod.BatchLoader(getattr(splits, k), 64 if k == "train" else 512,
                                        shuffle=k == "train", seed=0)
@@ -243,7 +243,8 @@ def _digits_model_and_data():
 def test_quantized_variants_keep_the_accuracy(tmp_path):
     onnx = _onnx()
     pytest.importorskip("sklearn")
-    from pbp_fast import export, quantize
+    from pbp_fast.deploy import quantize
+    from pbp_fast.deploy import report as export
     model, loaders = _digits_model_and_data()
     assert all(u.num_dendrites == 1 and bool(u.dendrite_alpha[0].ne(0).any())
                for u in model.modules() if isinstance(u, DendriticUnit))
@@ -278,7 +279,7 @@ def test_quantized_variants_keep_the_accuracy(tmp_path):
 
 def _checkpoint(path, dendrites=True):
     """A checkpoint in pbp-fast train's format: mobilenet_tiny on 8x8 digits."""
-    from pbp_fast.train import TrainConfig
+    from pbp_fast.recipe import TrainConfig
     cfg = TrainConfig(model="mobilenet_tiny", width_mult=0.25, dropout=0.0, data="digits",
                       image_size=8, dendrites=dendrites)
     model = pbp.models.mobilenet_tiny(width_mult=0.25, num_classes=10, in_channels=1)
@@ -305,7 +306,7 @@ def test_load_checkpoint_rebuilds_dendrites(tmp_path):
 
 
 def _export_cli(argv):
-    from pbp_fast import export
+    from pbp_fast.cli import export
     parser = argparse.ArgumentParser(prog="pbp-fast")
     export.add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["export", *map(str, argv)])
@@ -315,7 +316,7 @@ def _export_cli(argv):
 def test_export_command_end_to_end(tmp_path, capsys):
     _onnx()
     pytest.importorskip("sklearn")
-    from pbp_fast import export
+    from pbp_fast.deploy import report as export
     _checkpoint(tmp_path / "best.pt")
     out = tmp_path / "deploy"
     assert _export_cli([tmp_path / "best.pt", "--fp16", "--int8", "--int8-dynamic",

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import pbp_fast as pbp
-from pbp_fast.distill import (Distiller, add_distill_args, check_distill_args,
+from pbp_fast.deploy.distill import (Distiller, add_distill_args, check_distill_args,
                               distillation_loss, distiller_from_config)
-from pbp_fast.nn import DendriticConv2d, DendriticUnit
+from pbp_fast.core import DendriticConv2d, DendriticUnit
 
 S = [[1.0, -0.5, 2.0], [0.3, 0.8, -1.2]]   # student logits
 T = [[2.5, 0.0, 1.0], [-0.4, 1.5, 0.2]]    # teacher logits
@@ -112,7 +112,7 @@ def test_teacher_is_frozen_in_eval_mode():
 
 
 def _mobilenet_checkpoint(path, dendrites):
-    from pbp_fast.train import TrainConfig
+    from pbp_fast.recipe import TrainConfig
     torch.manual_seed(0)
     model = pbp.models.mobilenet_tiny(width_mult=0.25, num_classes=10, in_channels=1)
     if dendrites:
@@ -148,7 +148,7 @@ def test_teacher_from_a_checkpoint_with_dendrites_and_a_pb_student(tmp_path):
     loss = distiller.loss(x, student(x), torch.randint(0, 10, (4,)))
     loss.backward()
     convs = [u for u in units.values() if isinstance(u, DendriticConv2d)]
-    assert convs and all(u.candidate_weight.grad is not None for u in convs)
+    assert convs and all(u.candidate.weight.grad is not None for u in convs)
     assert not any(m is teacher or m in set(teacher.modules()) for m in student.modules())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert not any(isinstance(m, DendriticUnit) and m.has_candidate for m in teacher.modules())

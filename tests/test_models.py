@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from pbp_fast import models
+from pbp_fast.recipe import models
 
 NAMES = ["mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small"]   # the torchvision ones
 

@@ -12,7 +12,7 @@ from torch import nn
 from conftest import add_random_dendrites, randomise_bn, train_candidates_only
 import pbp_fast
 from pbp_fast import reference
-from pbp_fast.nn import DendriticConv2d, DendriticLinear
+from pbp_fast.core import DendriticConv2d, DendriticLinear
 
 BACKENDS = pbp_fast.backends()  # "triton" runs on the CPU interpreter without a GPU
 
@@ -173,12 +173,12 @@ def test_candidate_backward_matches_the_reference_candidate_pass(backend, d):
     unit, x = _candidate_unit(d, backend)
     unit.warmup_batches = 1
     with torch.no_grad():  # a non-trivial running state before the batch
-        unit.candidate_stats.copy_(torch.rand(4, unit.out_channels, dtype=torch.float64))
-        unit.candidate_stats[3] += 1.0
-        unit.candidate_count.fill_(100)
-        unit.candidate_batches.fill_(5)
-    state = [t.clone() for t in (unit.candidate_stats, unit.candidate_count,
-                                 unit.candidate_batches)]
+        unit.candidate.stats.copy_(torch.rand(4, unit.out_channels, dtype=torch.float64))
+        unit.candidate.stats[3] += 1.0
+        unit.candidate.count.fill_(100)
+        unit.candidate.batches.fill_(5)
+    state = [t.clone() for t in (unit.candidate.stats, unit.candidate.count,
+                                 unit.candidate.batches)]
     w0 = [p.detach().clone() for p in unit.candidate_parameters()]
     target = torch.randn(2, 6, 7, 7)
     errors = []
@@ -195,20 +195,20 @@ def test_candidate_backward_matches_the_reference_candidate_pass(backend, d):
     sign = torch.where(corr >= 0, 1.0, -1.0)
     stats, gw, gb, gc = reference.candidate_pass(x, *w0[:2], cascade, s, e, state[0][1].float(),
                                                  sign, **unit._conv_kw)
-    torch.testing.assert_close(unit.candidate_weight.grad, gw, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(unit.candidate_bias.grad, gb, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(unit.candidate.weight.grad, gw, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(unit.candidate.bias.grad, gb, rtol=1e-4, atol=1e-7)
     if d:
-        torch.testing.assert_close(unit.candidate_cascade.grad, gc, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(unit.candidate.cascade.grad, gc, rtol=1e-4, atol=1e-7)
     else:
-        assert unit.candidate_cascade.grad is None and unit.candidate_cascade.shape == (0, 6)
+        assert unit.candidate.cascade.grad is None and unit.candidate.cascade.shape == (0, 6)
     n = e.numel() // e.shape[1]
     mean, count, batches = reference.update_running_stats(*state, stats, n, 1, 0.99)
-    torch.testing.assert_close(unit.candidate_stats, mean, rtol=1e-5, atol=1e-9)
-    assert float(unit.candidate_count) == float(count) and float(unit.candidate_batches) == 6
+    torch.testing.assert_close(unit.candidate.stats, mean, rtol=1e-5, atol=1e-9)
+    assert float(unit.candidate.count) == float(count) and float(unit.candidate.batches) == 6
     # the score rose from 0, so the snapshot holds the weights that produced this batch
     score = reference.correlation(mean).abs().sum()
-    torch.testing.assert_close(unit.candidate_best_score, score)
-    assert torch.equal(unit.candidate_best_weight, w0[0])
+    torch.testing.assert_close(unit.candidate.best_score, score)
+    assert torch.equal(unit.candidate.best_weight, w0[0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -240,18 +240,18 @@ def test_candidate_grads_accumulate_and_stay_off_without_grad():
     target = torch.randn(2, 6, 7, 7)
     grads = []
     for _ in range(2):  # the same batch from the same (zero) running state: twice the gradient
-        for t in (unit.candidate_stats, unit.candidate_count, unit.candidate_batches):
+        for t in (unit.candidate.stats, unit.candidate.count, unit.candidate.batches):
             t.zero_()
         F.mse_loss(unit(x), target).backward()
-        grads.append(unit.candidate_weight.grad.clone())
+        grads.append(unit.candidate.weight.grad.clone())
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], 2 * grads[0], rtol=1e-5, atol=1e-7)
-    batches = float(unit.candidate_batches)
+    batches = float(unit.candidate.batches)
     with torch.no_grad():
         unit(x)
     unit.eval()
     unit(x)
-    assert float(unit.candidate_batches) == batches == 1
+    assert float(unit.candidate.batches) == batches == 1
 
 
 def test_adopt_candidate_becomes_dendrite_with_alpha_zero():
@@ -261,9 +261,9 @@ def test_adopt_candidate_becomes_dendrite_with_alpha_zero():
     before = unit(x)
     unit.train()
     unit(x).square().sum().backward()  # takes a snapshot
-    best = unit.candidate_best_weight.clone()
+    best = unit.candidate.best_weight.clone()
     with torch.no_grad():
-        unit.candidate_weight.add_(1.0)  # the current weights differ from the snapshot
+        unit.candidate.weight.add_(1.0)  # the current weights differ from the snapshot
     unit.adopt_candidate()
     assert unit.num_dendrites == 2 and not unit.has_candidate
     assert torch.equal(unit.dendrite_weight[1], best)
@@ -316,13 +316,13 @@ def test_channels_last_input_gives_the_same_unit(backend):
     target = torch.randn(2, 6, 7, 7)
     results = []
     for xin in (x, x.contiguous(memory_format=torch.channels_last)):
-        for t in (unit.candidate_stats, unit.candidate_count, unit.candidate_batches):
+        for t in (unit.candidate.stats, unit.candidate.count, unit.candidate.batches):
             t.zero_()
         unit.zero_grad()
         y = unit(xin)
         F.mse_loss(y, target).backward()
-        results.append((y.detach(), unit.candidate_weight.grad.clone(),
-                        unit.candidate_stats.clone()))
+        results.append((y.detach(), unit.candidate.weight.grad.clone(),
+                        unit.candidate.stats.clone()))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
@@ -345,7 +345,7 @@ def test_module_to_channels_last_after_convert(backend):
     for u, xin in ((unit, x), (cl, x.contiguous(memory_format=torch.channels_last))):
         y = u(xin)
         F.mse_loss(y, target).backward()
-        results.append((y.detach(), u.candidate_weight.grad, u.candidate_stats))
+        results.append((y.detach(), u.candidate.weight.grad, u.candidate.stats))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
@@ -376,12 +376,12 @@ def test_linear_candidate_on_leading_dims_matches_the_reference():
     s = torch.stack(reference.dendrite_activations(x4, unit.dendrite_weight, unit.dendrite_bias,
                                                    unit.dendrite_cascade, 1, 0, 1, 1))
     zeros = torch.zeros(3)
-    _, gw, gb, gc = reference.candidate_pass(x4, unit.candidate_weight.detach(),
-                                             unit.candidate_bias.detach(),
-                                             unit.candidate_cascade.detach(), s, e4, zeros,
+    _, gw, gb, gc = reference.candidate_pass(x4, unit.candidate.weight.detach(),
+                                             unit.candidate.bias.detach(),
+                                             unit.candidate.cascade.detach(), s, e4, zeros,
                                              zeros + 1)
-    torch.testing.assert_close(unit.candidate_weight.grad, gw, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(unit.candidate_cascade.grad, gc, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(unit.candidate.weight.grad, gw, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(unit.candidate.cascade.grad, gc, rtol=1e-4, atol=1e-7)
 
 
 def test_same_padding_and_non_finite_error_batches():
@@ -394,9 +394,9 @@ def test_same_padding_and_non_finite_error_batches():
         DendriticConv2d(nn.Conv2d(3, 4, 4, padding="same"))
     unit.start_candidate()
     unit(x).sum().backward()
-    state = unit.candidate_stats.clone()
+    state = unit.candidate.stats.clone()
     (unit(x) * float("inf")).sum().backward()  # e = inf: the running state is kept
-    assert torch.equal(unit.candidate_stats, state) and float(unit.candidate_batches) == 1
+    assert torch.equal(unit.candidate.stats, state) and float(unit.candidate.batches) == 1
 
 
 def test_dendrite_phase_with_frozen_input_and_inplace_activation():
@@ -410,8 +410,8 @@ def test_dendrite_phase_with_frozen_input_and_inplace_activation():
     train_candidates_only(model, (first, second))
     model(torch.randn(2, 3, 5, 5)).square().mean().backward()
     for unit in (first, second):
-        assert unit.candidate_weight.grad.abs().sum() > 0
-        assert float(unit.candidate_batches) == 1
+        assert unit.candidate.weight.grad.abs().sum() > 0
+        assert float(unit.candidate.batches) == 1
 
 
 def test_linear_candidate_trains_behind_an_inplace_activation():
@@ -427,8 +427,8 @@ def test_linear_candidate_trains_behind_an_inplace_activation():
     train_candidates_only(model, (first, second))
     model(torch.randn(4, 2, 6)).square().mean().backward()
     for unit in (first, second):
-        assert unit.candidate_weight.grad is not None and unit.candidate_weight.grad.abs().sum() > 0
-        assert float(unit.candidate_batches) == 1
+        assert unit.candidate.weight.grad is not None and unit.candidate.weight.grad.abs().sum() > 0
+        assert float(unit.candidate.batches) == 1
 
 
 def _dendrite_phase_net(backend):
@@ -472,8 +472,8 @@ def test_dendrite_phase_compiles_fullgraph_and_matches_eager(backend, compiler):
             loss.backward()
             opt.step()
             losses.append(loss.detach())
-        assert all(float(u.candidate_batches) == 3 for u in units)
-        assert all(float(u.candidate_best_score) > 0 for u in units)
+        assert all(float(u.candidate.batches) == 3 for u in units)
+        assert all(float(u.candidate.best_score) > 0 for u in units)
         states.append((torch.stack(losses), {k: v.clone() for k, v in model.state_dict().items()}))
     (loss_e, eager), (loss_c, comp) = states
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)

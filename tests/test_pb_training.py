@@ -178,7 +178,7 @@ def test_candidate_training_finds_the_units_error():
         v = reference.candidate_activation(seen["x"], w, b, None, None, **unit._conv_kw)
         return _batch_correlation(v, seen["e"])
 
-    trained = score(unit.candidate_weight.detach(), unit.candidate_bias.detach())
+    trained = score(unit.candidate.weight.detach(), unit.candidate.bias.detach())
     random = score(*random_w[:2])
     print(f"sum_c |C_c| on a fresh batch: trained candidate {trained:.4f}, random {random:.4f}")
     assert trained > 0.1 and trained > 10 * random

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pbp_fast import cli
-from pbp_fast.data import encode_jpegs, save_packed_jpeg
-from pbp_fast.train import (PB_LR, TrainConfig, build_optimizer, build_scheduler,
+from pbp_fast.recipe.data import encode_jpegs, save_packed_jpeg
+from pbp_fast.recipe import (PB_LR, TrainConfig, build_optimizer, build_scheduler,
                              format_table, train)
 
 # A tiny, fast recipe: MobileNetV2 x0.25 on 8x8 digits.
@@ -52,8 +52,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
                                           ({"auto_augment": "aa"}, "auto_augment"),
                                           ({"hflip": 2.0}, "hflip"),
                                           ({"sched": "step"}, "sched"),
-                                          ({"dendrites": True, "pb_n_epochs": None},
-                                           "pb_n_epochs"),
+                                          ({"dendrites": True, "pb_switch_mode": "fixed",
+                                            "pb_n_epochs": None}, "pb_n_epochs"),
+                                          ({"pb_n_patience": 0}, "pb_n_patience"),
+                                          ({"pb_switch_mode": "plateau"}, "pb_switch_mode"),
                                           ({"device": "tpu:x"}, "device"),
                                           ({"pb_opt": "lamb"}, "pb_opt")])
 def test_config_errors_name_the_field(kwargs, word):
@@ -115,7 +117,7 @@ def test_constant_schedule_keeps_the_peak_rate_after_the_warmup():
 def test_the_model_is_chosen_on_validation_and_tested_once(tmp_path, monkeypatch, extra):
     """The reported model is the best epoch by validation accuracy (a split of the training
     data); the test split is evaluated once, after training, on that model."""
-    from pbp_fast import train as train_mod
+    from pbp_fast.recipe import trainer as train_mod
     loaders, evaluate = [], train_mod.evaluate
 
     def spy(model, loader, amp=False):
@@ -169,7 +171,7 @@ def test_pb_run_resumes_exactly(tmp_path):
     assert cli.main(["train", *args, "--output-dir", str(full)]) == 0
 
     parser = cli.build_parser()
-    from pbp_fast.train import config_from_args
+    from pbp_fast.recipe import config_from_args
     cfg = config_from_args(parser.parse_args(["train", *args, "--output-dir", str(part)]))
 
     def stop_after(n):
@@ -297,7 +299,7 @@ def test_compiled_pb_run_compiles_every_structure(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=backend))
     config = torch._dynamo.config  # (cache_size_limit in older torch)
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    from pbp_fast.train import config_from_args
+    from pbp_fast.recipe import config_from_args
     args = ["train", *FAST, *PB, "--model", "mobilenet_tiny", "--epochs", "3", "--compile",
             "--output-dir", str(tmp_path)]
     cfg = config_from_args(cli.build_parser().parse_args(args))

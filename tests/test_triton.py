@@ -61,7 +61,7 @@ def test_forward_and_gradients_match_reference(seed):
 def test_cudnn_conv_mode_matches_reference(seed, monkeypatch):
     """PBP_FAST_GPU_CONV=cudnn: every conv (depthwise and pointwise too) through one stacked
     convolution and the fused epilogue."""
-    from pbp_fast.kernels.ops import conv_mode
+    from pbp_fast.kernels.common import conv_mode
     assert conv_mode(4, (4, 1, 3, 3), 4) == 0 and conv_mode(4, (8, 4, 1, 1), 1) == 1
     monkeypatch.setenv("PBP_FAST_GPU_CONV", "cudnn")
     assert conv_mode(4, (4, 1, 3, 3), 4) == 2 and conv_mode(4, (8, 4, 1, 1), 1) == 2
@@ -80,7 +80,7 @@ def test_channel_vectors_match_reference(kind):
     MobileNet): the kernels are told that channel runs are aligned (VEC > 1), so loads, stores
     and the channel masks work on 16-byte vectors; a partial channel tile and partial pixel tile
     included.  NCHW gets VEC = 1."""
-    from pbp_fast.kernels.ops import _vec
+    from pbp_fast.kernels.common import vec as _vec
     c, cin = (24, 24) if kind == "depthwise" else (40, 24)
     k, groups = (3, 24) if kind == "depthwise" else (1, 1)
     x = torch.randn(2, cin, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
@@ -390,5 +390,5 @@ def test_cuda_graph_captures_a_training_step(phase):
     if phase == "neuron":
         assert torch.isfinite(loss) and loss.item() < first
     else:  # 3 eager steps, then 6 replays (the capture itself runs nothing)
-        assert all(float(u.candidate_batches) == 9 for u in units)
-        assert all(torch.isfinite(u.candidate_weight.grad).all() for u in units)
+        assert all(float(u.candidate.batches) == 9 for u in units)
+        assert all(torch.isfinite(u.candidate.weight.grad).all() for u in units)

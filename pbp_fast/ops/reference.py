@@ -1,5 +1,5 @@
 """The plain-PyTorch math of Perforated Backpropagation: the oracle for every fused backend and
-the fallback when the compiled extension is missing.  DESIGN.md "Math" is the contract:
+the fallback when the compiled extension is missing.  docs/design.md, "The math", is the contract:
 
     z   = conv(x; W, b)            (the caller applies BatchNorm and passes z as ``base``)
     a_k = conv(x~; W_k, b_k) + sum_{j<k} kappa[k, j] * s_j        x~ = x.detach() (perforated)
@@ -14,6 +14,12 @@ import torch
 import torch.nn.functional as F
 
 STAT_NAMES = ("v", "e", "ve", "ee")  # rows of the per-channel candidate statistics
+
+# The candidate bookkeeping's defaults (the one source of them; PBConfig's fields of the same
+# names say what they mean).
+WARMUP_BATCHES = 10
+STATS_MOMENTUM = 0.99
+SNAPSHOT_THRESHOLD = 0.10
 
 
 def _ch(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -84,7 +90,8 @@ def candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, stride=1, paddi
     w = weight.detach().requires_grad_()
     b = (torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
          if bias is None else bias.detach()).requires_grad_()
-    c = (weight.new_zeros(0, weight.shape[0]) if cascade is None else cascade.detach()).requires_grad_()
+    c = (weight.new_zeros(0, weight.shape[0]) if cascade is None
+         else cascade.detach()).requires_grad_()
     with torch.enable_grad():
         v = candidate_activation(x, w, b, c if c.shape[0] else None, s, stride, padding,
                                  dilation, groups)
@@ -94,7 +101,8 @@ def candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, stride=1, paddi
     return candidate_stats(v.detach(), e), gw, gb, gc
 
 
-def update_running_stats(mean, count, batches, sums, n, warmup_batches=10, momentum=0.99):
+def update_running_stats(mean, count, batches, sums, n, warmup_batches=WARMUP_BATCHES,
+                         momentum=STATS_MOMENTUM):
     """Running per-channel means of (v, e, v*e, e*e): cumulative for the first ``warmup_batches``
     batches, then an exponential moving average with ``momentum``.  All tensors (no host sync):
     ``mean`` (4, C) float64, ``count`` and ``batches`` 0-dim float64.  Returns the new triple."""
@@ -117,8 +125,8 @@ def candidate_objective(mean, dtype):
     return mean[1].to(dtype), sign.to(dtype)
 
 
-def candidate_update(mean, count, batches, best_score, sums, n, warmup_batches=10,
-                     momentum=0.99, threshold=0.10):
+def candidate_update(mean, count, batches, best_score, sums, n, warmup_batches=WARMUP_BATCHES,
+                     momentum=STATS_MOMENTUM, threshold=SNAPSHOT_THRESHOLD):
     """One batch's bookkeeping of a candidate: fold its sums (4, C) over ``n`` positions into
     the running means (:func:`update_running_stats`) unless the batch is empty or not finite
     (e.g. an overflowing mixed-precision step: the state stays as it was), then score

@@ -80,7 +80,7 @@ class History:
         return path
 
     def _dendrite_spans(self):
-        spans, start = [], None
+        spans, start, prev = [], None, None
         for r in self.rows:
             if r["phase"] == "dendrite" and start is None:
                 start = r["epoch"]

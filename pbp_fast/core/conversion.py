@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 
 from torch import fx, nn
 
-from pbp_fast.nn import DendriticConv2d, DendriticLinear, DendriticUnit
+from pbp_fast.core.layers import DendriticConv2d, DendriticLinear
+from pbp_fast.core.unit import DendriticUnit
 
 _BN = {nn.Conv2d: nn.BatchNorm2d, nn.Linear: nn.BatchNorm1d}
 
@@ -109,7 +110,8 @@ def _matcher(patterns, name):
     return lambda qual, _m: any(fnmatch.fnmatchcase(qual, p) for p in patterns)
 
 
-def _set(model, name, module):
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the qualified ``name`` (as in ``model.named_modules()``) of ``model``."""
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
@@ -150,9 +152,9 @@ def convert(model: nn.Module, include=None, exclude=None) -> dict[str, Dendritic
         except ValueError as err:
             warnings.warn(f"pbp_fast.convert: leaving {name} unconverted: {err}", stacklevel=2)
             continue
-        _set(model, name, unit)
+        replace_module(model, name, unit)
         if bn is not None:
-            _set(model, pairs[name], nn.Identity())
+            replace_module(model, pairs[name], nn.Identity())
     return {n: m for n, m in model.named_modules() if isinstance(m, DendriticUnit)}
 
 

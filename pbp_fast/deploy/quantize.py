@@ -23,7 +23,6 @@ static int8 with calibration data, dynamic int8, and float16.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import logging
 import tempfile
@@ -34,7 +33,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from pbp_fast.deploy import INPUT_NAME
+from pbp_fast.deploy.onnx import INPUT_NAME, require
 
 __all__ = ["quantize_static_int8", "quantize_dynamic_int8", "convert_float16",
            "CALIBRATION_METHODS", "INT8_DTYPES"]
@@ -49,17 +48,6 @@ INT8_DTYPES = {"u8u8": "uint8 activations, uint8 weights (default: accurate on e
                "u8s8": "uint8 activations, int8 weights (fastest with VNNI or on ARM; "
                        "saturates on x86 without VNNI)",
                "s8s8": "int8 activations and weights (slow on x86 without VNNI)"}
-
-
-def _onnx():
-    """The onnx module, after checking that onnx and onnxruntime are installed."""
-    try:
-        onnx = importlib.import_module("onnx")
-        importlib.import_module("onnxruntime")
-    except ImportError as exc:
-        raise ImportError("quantization needs onnx and onnxruntime: pip install "
-                          "'pbp_fast[deploy]'") from exc
-    return onnx
 
 
 def _check_paths(model_path, out_path) -> tuple[Path, Path]:
@@ -151,7 +139,7 @@ def quantize_static_int8(model_path, out_path, calibration: Iterable, *,
     ``"u8u8"`` (default), ``"u8s8"`` or ``"s8s8"`` (see :data:`INT8_DTYPES`); ``reduce_range``
     quantizes weights to 7 bits, the other cure for u8s8 saturation.  Writes ``out_path``;
     returns it."""
-    _onnx()
+    require("onnx", "onnxruntime", purpose="quantization")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, \
         quantize_static
     model_path, out_path = _check_paths(model_path, out_path)
@@ -179,7 +167,7 @@ def quantize_dynamic_int8(model_path, out_path, *, per_channel: bool = True) -> 
     """Dynamic int8 quantization: int8 weights for the matrix multiplications (MatMul / Gemm),
     activation scales computed at run time.  Convolutions stay float32 (see the module doc).
     Writes ``out_path``; returns it."""
-    _onnx()
+    require("onnx", "onnxruntime", purpose="quantization")
     from onnxruntime.quantization import QuantType, quantize_dynamic
     model_path, out_path = _check_paths(model_path, out_path)
     with _quiet():
@@ -207,7 +195,7 @@ def convert_float16(model_path, out_path, *, keep_io_types: bool = True) -> Path
     float16.  With ``keep_io_types`` the graph's float inputs and outputs stay float32, with a
     Cast node at each end, so callers feed and read the same arrays as before.  Values beyond
     the float16 range are clipped (with a warning).  Writes ``out_path``; returns it."""
-    onnx = _onnx()
+    onnx = require("onnx", "onnxruntime", purpose="quantization")
     from onnx import TensorProto, helper
     model_path, out_path = _check_paths(model_path, out_path)
     model = onnx.load(str(model_path))

@@ -1,5 +1,5 @@
-"""``pbp-fast demo``: a baseline and a Perforated Backpropagation run of the same network for the
-same number of epochs, side by side.
+"""The demo (``pbp-fast demo``): a baseline and a Perforated Backpropagation run of the same
+network for the same number of epochs, side by side.
 
 By default the data are scikit-learn's 8x8 handwritten digits (shipped inside scikit-learn, so
 the demo runs offline), upsampled to 16x16, and the network is a deliberately narrow
@@ -15,12 +15,11 @@ own), start from the same initialisation and see the same batches, so they agree
 the first dendrite phase.  Both report the model with the best
 validation accuracy.
 
-Output (``--out``): ``baseline/`` and ``pb/`` run folders (see :mod:`pbp_fast.train`),
+Output (``--out``): ``baseline/`` and ``pb/`` run folders (see :mod:`pbp_fast.recipe.trainer`),
 ``demo.png`` (validation accuracy and parameters per epoch of both runs) and ``demo.json``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -30,13 +29,14 @@ from pathlib import Path
 
 import torch
 
-from pbp_fast.train import TrainConfig, TrainResult, format_table, train
+from pbp_fast.recipe.config import TrainConfig
+from pbp_fast.recipe.records import TrainResult, format_table
+from pbp_fast.recipe.trainer import train
 
 DESCRIPTION = ("Train one network twice for the same number of epochs, without and with "
                "Perforated Backpropagation dendrites, and compare.")
 
-__all__ = ["Recipe", "RECIPES", "demo_configs", "run_demo", "plot_demo", "add_demo_arguments",
-           "run_cli"]
+__all__ = ["Recipe", "RECIPES", "DESCRIPTION", "demo_configs", "run_demo", "plot_demo"]
 
 
 @dataclass(frozen=True)
@@ -177,44 +177,3 @@ def run_demo(data: str | None = None, out="runs/demo", quick: bool = False, seed
     with open(out / "demo.json", "w") as f:
         json.dump({k: v for k, v in summary.items() if k != "table"}, f, indent=2)
     return summary
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=None,
-                        help="CIFAR-10 (.npz or folder) instead of the built-in digits")
-    parser.add_argument("--out", default="runs/demo", help="output folder")
-    parser.add_argument("--quick", action="store_true",
-                        help="a reduced run of a few seconds (for tests)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of both runs")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for PyTorch (None: 1 for the digits, whose tiny "
-                             "network gains nothing from more; PyTorch's choice for CIFAR-10)")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    threads = args.threads if args.threads is not None else (1 if args.data is None else None)
-    if threads is not None:
-        if threads < 1:
-            sys.exit("pbp-fast demo: error: --threads must be >= 1")
-        torch.set_num_threads(threads)
-    try:
-        summary = run_demo(args.data, args.out, args.quick, args.seed, args.device)
-    except (ValueError, FileNotFoundError) as exc:
-        sys.exit(f"pbp-fast demo: error: {exc}")
-    base, pb = summary["rows"]
-    cfg = demo_configs(args.data, quick=args.quick)[0]
-    size = cfg.image_size
-    data = (f"CIFAR-10 ({args.data})" if args.data is not None else
-            f"digits (8x8, upsampled to {size}x{size})" if size != 8 else "digits (8x8)")
-    print(f"\n{cfg.model} x{cfg.width_mult:g} on {data}, {base['epochs']} epochs each, "
-          f"{torch.get_num_threads()} CPU thread(s)\n")
-    print(summary["table"])
-    gain = pb["test_acc"] - base["test_acc"]
-    extra = pb["params"] - base["params"]
-    print(f"\nPB: {gain:+.2f} points of test accuracy with {extra:+,} parameters "
-          f"({pb['num_dendrites']} dendrites per unit); total {summary['seconds']:.0f} s")
-    if summary["figure"]:
-        record = Path(args.out) / "pb" / "pb_history.png"
-        print(f"figure: {summary['figure']} (the controller's record: {record})")
-    return 0

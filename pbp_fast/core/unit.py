@@ -1,5 +1,5 @@
 """Dendritic units: a conv or linear layer (plus the BatchNorm that follows it) with D trained
-dendrites and, during the dendrite phase, one candidate dendrite.  DESIGN.md "Math":
+dendrites and, during the dendrite phase, one candidate dendrite (docs/design.md, "The math"):
 
     z   = BN(conv(x; W, b))                                   (the original modules, unchanged)
     s_k = sigmoid(conv(x~; W_k, b_k) + sum_{j<k} kappa[k, j] * s_j)        x~ = x.detach()
@@ -8,24 +8,13 @@ dendrites and, during the dendrite phase, one candidate dendrite.  DESIGN.md "Ma
 With D = 0 and no candidate the unit returns z itself, so a converted model computes exactly what
 it did.  A new dendrite starts with alpha = 0, which adds exact zeros.
 
-Candidate training (dendrite phase): y comes out of an autograd.Function (``_CandidateTap``)
-that saves x and the s_k; its backward receives e = dL/dy from the ordinary backward pass, hands
-it on to z and runs the fused candidate pass
-(``functional.candidate_pass``) for v = sigmoid(conv(x~; W_c, b_c) + sum_j kappa_c[j] s_j),
-updates the running means of (v, e, v*e, e*e) (cumulative for ``warmup_batches`` batches, then an
-EMA with ``stats_momentum``), and returns to autograd, which accumulates it into the
-candidate's ``.grad``, the gradient of
-
-    L_c = -sum_p sign(C_c) * (e_p - mean_e_c) * v_p / n,   C_c = cov(v_c, e_c) / std(e_c)
-
-so the user's optimizer trains the candidate.  Score = sum_c |C_c|; the candidate weights are
-snapshotted whenever the score beats the best by more than ``snapshot_threshold`` (relative).
-Everything in that backward is tensor ops on the device (no host synchronisation), so
-``torch.compile(fullgraph=True)`` traces the dendrite phase too.
-
-Under ``torch.distributed`` (:func:`pbp_fast.distributed.wrap` sets ``unit.candidate_sync``) the
-backward hands its per-batch sums and gradients to that object instead, which all-reduces those of
-every unit once per backward pass and then applies the same update on every rank.
+In the dendrite phase y comes out of an autograd.Function (``_CandidateTap``) that saves x and
+the s_k; its backward receives e = dL/dy from the ordinary backward pass, hands it on to z and
+runs the candidate's pass (:class:`pbp_fast.core.candidate.Candidate`), whose gradients
+autograd accumulates into the candidate's ``.grad``: the user's optimizer trains it.  Under
+``torch.distributed`` (:func:`pbp_fast.distributed.wrap` sets ``unit.candidate_sync``) the
+backward hands its batch sums and gradients to that object instead, which all-reduces those of
+every unit once per backward pass and then updates every rank alike.
 
 A Linear layer is a 1x1 conv on (M, Cin, 1, 1) with M = all leading dimensions.
 """
@@ -36,12 +25,14 @@ import math
 import torch
 from torch import nn
 
-from pbp_fast import functional, ops, reference
+from pbp_fast import ops
+from pbp_fast.core.candidate import Candidate
+from pbp_fast.distributed.group import world_size
+from pbp_fast.ops import reference
 
-_CANDIDATE_PARAMS = ("candidate_weight", "candidate_bias", "candidate_cascade")
-_CANDIDATE_BUFFERS = ("candidate_stats", "candidate_count", "candidate_batches",
-                      "candidate_best_weight", "candidate_best_bias", "candidate_best_cascade",
-                      "candidate_best_score")
+# state_dict keys of checkpoints written before the candidate was a module of its own
+_FLAT_CANDIDATE_KEYS = ("weight", "bias", "cascade", "stats", "count", "batches", "best_weight",
+                        "best_bias", "best_cascade", "best_score")
 
 
 def _conv_init(shape):
@@ -52,14 +43,6 @@ def _conv_init(shape):
     nn.init.kaiming_uniform_(w, a=math.sqrt(5))
     bound = 1.0 / math.sqrt(math.prod(shape[1:]))
     return w, torch.empty(shape[0]).uniform_(-bound, bound)
-
-
-def _accumulate_grad(p, g):
-    g = g.to(p.dtype).view_as(p)
-    if p.grad is None:
-        p.grad = g.clone(memory_format=torch.preserve_format)
-    else:
-        p.grad.add_(g)
 
 
 def _as(t, dtype):
@@ -73,14 +56,16 @@ class DendriticUnit(nn.Module):
     ``dendrite_weight`` (D, *W.shape), ``dendrite_bias`` (D, Cout), ``dendrite_cascade``
     (D, D, Cout) (row k holds kappa[k, j], j < k), frozen; ``dendrite_alpha`` a list of D (Cout,)
     tensors (separate, so that only the newest one may train).  During the dendrite phase also
-    ``candidate_weight``/``candidate_bias``/``candidate_cascade`` (D, Cout) and buffers with the
-    running statistics and the best snapshot.  ``load_state_dict`` resizes all of them to the
-    checkpoint's D and candidate state.
+    ``candidate``, a :class:`~pbp_fast.core.candidate.Candidate` (None otherwise).
+    ``load_state_dict`` resizes all of them to the checkpoint's D and candidate state.
+
+    The candidate's statistics settings are attributes that :class:`PerforatedBackprop` sets from
+    its :class:`PBConfig` (defaults: the same).
     """
 
-    warmup_batches: int = 10        # K: cumulative running means for the first K batches
-    stats_momentum: float = 0.99    # then an EMA with this momentum
-    snapshot_threshold: float = 0.10  # snapshot the candidate when its score improves by > 10 %
+    warmup_batches: int = reference.WARMUP_BATCHES
+    stats_momentum: float = reference.STATS_MOMENTUM
+    snapshot_threshold: float = reference.SNAPSHOT_THRESHOLD
 
     def __init__(self, main: tuple[str, nn.Module], bn: nn.Module | None, conv_kw: dict):
         super().__init__()
@@ -99,10 +84,7 @@ class DendriticUnit(nn.Module):
         self.dendrite_cascade = nn.Parameter(torch.zeros(0, 0, shape[0], **like),
                                              requires_grad=False)
         self.dendrite_alpha = nn.ParameterList()
-        for name in _CANDIDATE_PARAMS:
-            self.register_parameter(name, None)
-        for name in _CANDIDATE_BUFFERS:
-            self.register_buffer(name, None)
+        self.candidate: Candidate | None = None
         self.candidate_sync = None  # set by pbp_fast.distributed.wrap under torch.distributed
 
     # -- subclass hooks ------------------------------------------------------------------------
@@ -125,7 +107,7 @@ class DendriticUnit(nn.Module):
 
     @property
     def has_candidate(self) -> bool:
-        return self.candidate_weight is not None
+        return self.candidate is not None
 
     def _like(self):
         w = self._main_weight_bias()[0]
@@ -136,7 +118,7 @@ class DendriticUnit(nn.Module):
                 *self.dendrite_alpha]
 
     def candidate_parameters(self) -> list[nn.Parameter]:
-        return [getattr(self, n) for n in _CANDIDATE_PARAMS] if self.has_candidate else []
+        return list(self.candidate.parameters()) if self.has_candidate else []
 
     def _set_dendrites(self, weight, bias, cascade, alphas):
         self.dendrite_weight = nn.Parameter(weight, requires_grad=False)
@@ -171,17 +153,7 @@ class DendriticUnit(nn.Module):
     # -- candidate -----------------------------------------------------------------------------
     def _set_candidate(self, weight, bias, cascade):
         like = self._like()
-        f64 = dict(dtype=torch.float64, device=like["device"])
-        self.candidate_weight = nn.Parameter(weight.to(**like))
-        self.candidate_bias = nn.Parameter(bias.to(**like))
-        self.candidate_cascade = nn.Parameter(cascade.to(**like))
-        self.candidate_stats = torch.zeros(4, self.out_channels, **f64)
-        self.candidate_count = torch.zeros((), **f64)
-        self.candidate_batches = torch.zeros((), **f64)
-        self.candidate_best_weight = self.candidate_weight.detach().clone()
-        self.candidate_best_bias = self.candidate_bias.detach().clone()
-        self.candidate_best_cascade = self.candidate_cascade.detach().clone()
-        self.candidate_best_score = torch.zeros((), **f64)
+        self.candidate = Candidate(weight.to(**like), bias.to(**like), cascade.to(**like))
 
     def start_candidate(self) -> None:
         """Create a fresh candidate (initialised like the main conv, cascade 0) with zeroed
@@ -190,8 +162,7 @@ class DendriticUnit(nn.Module):
         self._set_candidate(w, b, torch.zeros(self.num_dendrites, self.out_channels))
 
     def drop_candidate(self) -> None:
-        for name in _CANDIDATE_PARAMS + _CANDIDATE_BUFFERS:
-            setattr(self, name, None)
+        self.candidate = None
 
     @torch.no_grad()
     def adopt_candidate(self) -> None:
@@ -199,11 +170,7 @@ class DendriticUnit(nn.Module):
         with alpha_D = 0; the candidate is removed."""
         if not self.has_candidate:
             raise RuntimeError("adopt_candidate: this unit has no candidate")
-        took = self.candidate_best_score > 0
-        w, b, c = (torch.where(took, best, cur) for best, cur in (
-            (self.candidate_best_weight, self.candidate_weight),
-            (self.candidate_best_bias, self.candidate_bias),
-            (self.candidate_best_cascade, self.candidate_cascade)))
+        w, b, c = self.candidate.best()
         self.drop_candidate()
         self.add_dendrite(w, b, c)
 
@@ -211,12 +178,22 @@ class DendriticUnit(nn.Module):
         """C_c (per output channel) from the running statistics."""
         if not self.has_candidate:
             raise RuntimeError("candidate_correlation: this unit has no candidate")
-        return reference.correlation(self.candidate_stats)
+        return self.candidate.correlation()
+
+    def update_candidate(self, stats, n, grads=None) -> None:
+        """Fold one batch's candidate-pass sums ``stats`` over ``n`` positions into the
+        candidate's statistics (with this unit's settings) and, with ``grads``, accumulate its
+        gradients (what :class:`pbp_fast.distributed.CandidateSync` applies on every rank)."""
+        if grads is not None:
+            self.candidate.accumulate_grad(grads)
+        self.candidate.update(stats, n, warmup_batches=self.warmup_batches,
+                              momentum=self.stats_momentum, threshold=self.snapshot_threshold,
+                              backend=self.backend)
 
     def _candidate_output(self, x, z):
         """y (the trained dendrites added to z) through :class:`_CandidateTap`, so that the
         backward pass trains the candidate."""
-        if self.candidate_sync is None and _world_size() > 1:
+        if self.candidate_sync is None and world_size() > 1:
             raise RuntimeError(
                 "this process is one of several torch.distributed ranks, but the model was not "
                 "prepared with pbp_fast.distributed.wrap(model): the candidates' statistics and "
@@ -227,65 +204,23 @@ class DendriticUnit(nn.Module):
             # dendrites' own op, outside the tap, gives their gradient
             z, s = self._dendrite_output(x, z, save_s=True)
         dt = z.dtype
-        return _CandidateTap.apply(self, z, x.detach(), _as(self.candidate_weight, dt),
-                                   _as(self.candidate_bias, dt), _as(self.candidate_cascade, dt),
-                                   s)
+        cand = self.candidate
+        return _CandidateTap.apply(self, z, x.detach(), _as(cand.weight, dt), _as(cand.bias, dt),
+                                   _as(cand.cascade, dt), s)
 
     @torch.no_grad()
     def _candidate_step(self, x, s, e):
         """The candidate pass for one batch's error e = dL/dy.  Returns the candidate's
         gradients, or None when ``candidate_sync`` applies them once the backward pass ends."""
-        dt = x.dtype
         sync = self.candidate_sync
-        mean_e, sign = functional.candidate_objective(self.candidate_stats, dt,
-                                                      backend=self.backend)
-        if sync is not None:
-            # Under DDP the objective is the mean of the ranks' losses, so the unit's error is
-            # e / w (w ranks).  Rather than scale e, scale what the pass combines it with:
-            # sign * (e / w - mean_e) = (sign / w) * (e - w * mean_e).
-            w = sync.world_size
-            sign, mean_e = sign / w, mean_e * w
-        fmt = torch.channels_last if ops.is_channels_last(x) else torch.contiguous_format
-        e = e.to(dt).contiguous(memory_format=fmt)
-        d = self.num_dendrites
-        cascade = _as(self.candidate_cascade, dt) if d else None
-        stats, gw, gb, gc = functional.candidate_pass(
-            x, _as(self.candidate_weight, dt), _as(self.candidate_bias, dt), cascade,
-            s if d else None, e, mean_e, sign, **self._conv_kw, backend=self.backend)
-        n = e.numel() // e.shape[1]
+        stats, n, grads = self.candidate.pass_(
+            x, s, e, self._conv_kw, backend=self.backend,
+            world_size=1 if sync is None else sync.world_size)
         if sync is None:
-            self._update_statistics(stats, n)
-            return gw, gb, gc
-        # rows (v, e, v e, e e) of the pass's sums, for the error e / w
-        stats[1:3] /= sync.world_size
-        stats[3] /= sync.world_size ** 2
-        sync.add(self, stats, n, (gw, gb, gc))
+            self.update_candidate(stats, n)
+            return grads
+        sync.add(self, stats, n, grads)
         return None
-
-    @torch.no_grad()
-    def _update_candidate(self, stats, n, gw, gb, gc):
-        """:meth:`_update_statistics`, and accumulate the candidate's gradients (the
-        distributed path, which applies them itself)."""
-        _accumulate_grad(self.candidate_weight, gw)
-        _accumulate_grad(self.candidate_bias, gb)
-        if self.num_dendrites:
-            _accumulate_grad(self.candidate_cascade, gc)
-        self._update_statistics(stats, n)
-
-    @torch.no_grad()
-    def _update_statistics(self, stats, n):
-        """Fold one batch's sums ``stats`` over ``n`` positions (an int or a 0-dim tensor) into
-        the running statistics and take a snapshot when the score improved: two fused ops
-        (``functional.candidate_update``, then the snapshot), no host synchronisation."""
-        better = functional.candidate_update(
-            self.candidate_stats, self.candidate_count, self.candidate_batches,
-            self.candidate_best_score, stats, n, warmup_batches=self.warmup_batches,
-            momentum=self.stats_momentum, threshold=self.snapshot_threshold,
-            backend=self.backend)
-        for best, cur in ((self.candidate_best_weight, self.candidate_weight),
-                          (self.candidate_best_bias, self.candidate_bias),
-                          (self.candidate_best_cascade, self.candidate_cascade)):
-            torch.where(better, cur, best, out=best)
 
     # -- forward -------------------------------------------------------------------------------
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,14 +267,14 @@ class DendriticUnit(nn.Module):
 
     def _dendrite_output(self, x, z, save_s):
         """(y, s): z plus the trained dendrites of x, and their activations if ``save_s``."""
-        return functional.dendritic_conv2d_with_s(
+        return ops.dendritic_conv2d_with_s(
             x, None, None, *self._dendrites(z.dtype), **self._conv_kw, base=z, save_s=save_s,
             backend=self.backend)
 
     def _folded_forward(self, x):
         w, b = self.folded_weight_bias()
         x4, _ = self._to_4d(x, None)
-        y4 = functional.dendritic_conv2d(x4, w, b, *self._dendrites(w.dtype), **self._conv_kw,
+        y4 = ops.dendritic_conv2d(x4, w, b, *self._dendrites(w.dtype), **self._conv_kw,
                                          backend=self.backend)
         return self._from_4d(y4, None, x)
 
@@ -363,7 +298,12 @@ class DendriticUnit(nn.Module):
     # -- state_dict ----------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        """Rebuild the dendrites and the candidate to the checkpoint's structure, then load."""
+        """Rebuild the dendrites and the candidate to the checkpoint's structure, then load
+        (checkpoints with the candidate's older flat keys, ``candidate_weight`` etc., too)."""
+        for name in _FLAT_CANDIDATE_KEYS:
+            old = f"{prefix}candidate_{name}"
+            if old in state_dict:
+                state_dict[f"{prefix}candidate.{name}"] = state_dict.pop(old)
         key = prefix + "dendrite_weight"
         if key in state_dict and state_dict[key].shape[0] != self.num_dendrites:
             d, like, c = state_dict[key].shape[0], self._like(), self.out_channels
@@ -371,7 +311,7 @@ class DendriticUnit(nn.Module):
             self._set_dendrites(torch.zeros((d,) + self._weight_shape, **like),
                                 torch.zeros(d, c, **like), torch.zeros(d, d, c, **like),
                                 [torch.zeros(c, **like) for _ in range(d)])
-        has = prefix + "candidate_weight" in state_dict
+        has = prefix + "candidate.weight" in state_dict
         if has and not self.has_candidate:  # placeholders (no random draws), filled below
             self._set_candidate(torch.zeros(self._weight_shape), torch.zeros(self.out_channels),
                                 torch.zeros(self.num_dendrites, self.out_channels))
@@ -379,11 +319,6 @@ class DendriticUnit(nn.Module):
             self.drop_candidate()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-
-
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class _CandidateTap(torch.autograd.Function):
@@ -414,87 +349,3 @@ class _CandidateTap(torch.autograd.Function):
             return None, e, None, None, None, None, None
         gw, gb, gc = grads
         return None, e, None, gw, gb, gc if s is not None else None, None
-
-
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
-class DendriticConv2d(DendriticUnit):
-    """A dendritic unit around an ``nn.Conv2d`` (any groups) and an optional ``nn.BatchNorm2d``
-    applied to its output.  The original modules are kept as ``.conv`` and ``.bn``."""
-
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None):
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"conv.padding_mode must be 'zeros', got {conv.padding_mode!r}")
-        if bn is not None and (not isinstance(bn, nn.BatchNorm2d)
-                               or bn.num_features != conv.out_channels):
-            raise ValueError(f"bn must be an nn.BatchNorm2d with num_features = "
-                             f"conv.out_channels = {conv.out_channels}, got {bn!r}")
-        padding = conv.padding
-        if isinstance(padding, str):
-            padding = _same_padding(conv) if padding == "same" else (0, 0)
-        kw = dict(stride=_pair(conv.stride), padding=_pair(padding),
-                  dilation=_pair(conv.dilation), groups=conv.groups)
-        super().__init__(("conv", conv), bn, kw)
-
-    def _main(self, x):
-        z = self.conv(x)
-        return z if self.bn is None else self.bn(z)
-
-    def _main_weight_bias(self):
-        return self.conv.weight, self.conv.bias
-
-    def _to_4d(self, x, z):
-        if x.dim() == 3:
-            raise ValueError("DendriticConv2d needs a batched 4-D input (N, C, H, W)")
-        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-            x = x.contiguous()
-        return x, z
-
-    def _from_4d(self, y, z, x=None):
-        return y
-
-
-def _same_padding(conv):
-    pads = []
-    for k, d in zip(_pair(conv.kernel_size), _pair(conv.dilation)):
-        if (d * (k - 1)) % 2:
-            raise ValueError(f"conv padding='same' with kernel {conv.kernel_size} and dilation "
-                             f"{conv.dilation} pads asymmetrically, which the fused op does not "
-                             f"support")
-        pads.append(d * (k - 1) // 2)
-    return tuple(pads)
-
-
-class DendriticLinear(DendriticUnit):
-    """A dendritic unit around an ``nn.Linear`` and an optional ``nn.BatchNorm1d`` on its output,
-    computed as a 1x1 conv over all leading dimensions.  Kept as ``.linear`` and ``.bn``."""
-
-    def __init__(self, linear: nn.Linear, bn: nn.BatchNorm1d | None = None):
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        if bn is not None and (not isinstance(bn, nn.BatchNorm1d)
-                               or bn.num_features != linear.out_features):
-            raise ValueError(f"bn must be an nn.BatchNorm1d with num_features = "
-                             f"linear.out_features = {linear.out_features}, got {bn!r}")
-        super().__init__(("linear", linear), bn, dict(stride=1, padding=0, dilation=1, groups=1))
-
-    def _main(self, x):
-        z = self.linear(x)
-        return z if self.bn is None else self.bn(z)
-
-    def _main_weight_bias(self):
-        w = self.linear.weight
-        return w.view(w.shape[0], w.shape[1], 1, 1), self.linear.bias
-
-    def _to_4d(self, x, z):
-        c_in = self.linear.in_features
-        return x.reshape(-1, c_in, 1, 1), None if z is None else z.reshape(-1, self.out_channels,
-                                                                             1, 1)
-
-    def _from_4d(self, y, z, x=None):
-        shape = z.shape if z is not None else tuple(x.shape[:-1]) + (self.out_channels,)
-        return y.reshape(shape)

@@ -102,8 +102,8 @@ class Distiller:
     @classmethod
     def from_checkpoint(cls, path, device="cpu", **kwargs) -> "Distiller":
         """A distiller whose teacher is rebuilt from a ``pbp-fast train`` checkpoint
-        (:func:`pbp_fast.checkpoint.load_checkpoint`; dendrites included) on ``device``."""
-        from pbp_fast.checkpoint import load_checkpoint
+        (:func:`pbp_fast.recipe.checkpoint.load_checkpoint`; dendrites included) on ``device``."""
+        from pbp_fast.recipe.checkpoint import load_checkpoint
         teacher, config = load_checkpoint(path, map_location=device)
         distiller = cls(teacher, **kwargs)
         distiller.config = config

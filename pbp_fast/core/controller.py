@@ -1,5 +1,5 @@
 """The Perforated Backpropagation controller: a small state machine driven by one validation
-score per epoch (DESIGN.md "Controller").
+score per epoch (docs/design.md, "The controller").
 
 States: ``neuron`` (the model trains; the newest alpha too), ``dendrite`` (everything is frozen
 except one candidate per unit, trained by the correlation objective) and ``done``.
@@ -25,63 +25,17 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from torch import nn
 
-from pbp_fast import distributed
-from pbp_fast.conversion import count_parameters
-from pbp_fast.history import History
-from pbp_fast.nn import DendriticUnit
+from pbp_fast.core.config import PBConfig
+from pbp_fast.core.conversion import count_parameters
+from pbp_fast.core.history import History
+from pbp_fast.core.unit import DendriticUnit
+from pbp_fast.distributed.group import check_agree
 
 
 class State(str, enum.Enum):
     NEURON = "neuron"
     DENDRITE = "dendrite"
     DONE = "done"
-
-
-@dataclass(frozen=True)
-class PBConfig:
-    """Configuration of :class:`PerforatedBackprop` (validated; bad values raise ValueError)."""
-    maximize: bool = True               # True: higher score is better (accuracy); False: loss
-    switch_mode: str = "patience"       # "patience" or "fixed" (phases of n_epochs / p_epochs)
-    n_patience: int = 10                # neuron epochs without improvement before switching
-    p_patience: int = 5                 # dendrite epochs without a candidate improving
-    n_epochs: int | None = None         # cap on a neuron stage (exact length in "fixed" mode)
-    p_epochs: int | None = None         # cap on a dendrite phase (exact length in "fixed" mode)
-    max_dendrites: int = 5              # stop once every unit has this many dendrites
-    max_tries: int = 2                  # consecutive failed dendrite sets before stopping
-    improvement_threshold: float = 1e-4  # relative margin (of |best|) that counts as better
-    improvement_threshold_abs: float = 0.0  # absolute margin; the larger of the two is used
-    warmup_batches: int = 10            # K: cumulative candidate statistics for K batches
-    stats_momentum: float = 0.99        # then an EMA of the statistics with this momentum
-    snapshot_threshold: float = 0.10    # keep a candidate snapshot on > 10 % score improvement
-    train_old_alphas: bool = False      # neuron phase: older dendrites' alpha keep training
-
-    def __post_init__(self):
-        def bad(name, want):
-            raise ValueError(f"PBConfig.{name} must be {want}, got {getattr(self, name)!r}")
-
-        for name in ("maximize", "train_old_alphas"):
-            if not isinstance(getattr(self, name), bool):
-                bad(name, "a bool")
-        if self.switch_mode not in ("patience", "fixed"):
-            bad("switch_mode", "'patience' or 'fixed'")
-        for name, low in (("n_patience", 1), ("p_patience", 1), ("max_dendrites", 0),
-                          ("max_tries", 1), ("warmup_batches", 0)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                bad(name, f"an int >= {low}")
-        for name in ("n_epochs", "p_epochs"):
-            v = getattr(self, name)
-            if v is None and self.switch_mode == "fixed":
-                bad(name, "set (an int >= 1) when switch_mode='fixed'")
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                bad(name, "None or an int >= 1")
-        for name in ("improvement_threshold", "improvement_threshold_abs", "snapshot_threshold"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < math.inf:
-                bad(name, "a finite number >= 0")
-        m = self.stats_momentum
-        if not isinstance(m, (int, float)) or isinstance(m, bool) or not 0 <= m < 1:
-            bad("stats_momentum", "a number in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -181,7 +135,7 @@ class PerforatedBackprop:
                 self.best_model = {k: v.detach().to("cpu", copy=True)
                                    for k, v in self.model.state_dict().items()}
         else:
-            scores = [float(u.candidate_best_score) for u in self.units.values()]
+            scores = [float(u.candidate.best_score) for u in self.units.values()]
             self._count(any(s > old for s, old in zip(scores, self.candidate_scores)))
             self.candidate_scores = scores
             cand_score = sum(scores)
@@ -208,12 +162,11 @@ class PerforatedBackprop:
                      if u.candidate_sync is not None), None)
         if sync is None:
             return
-        values = [score] + [float(u.candidate_best_score) for u in self.units.values()
+        values = [score] + [float(u.candidate.best_score) for u in self.units.values()
                             if u.has_candidate]
-        distributed.check_agree(values, "the score given to add_validation_score (all-reduce "
-                                "the validation metrics first, e.g. with "
-                                "pbp_fast.distributed.all_reduce_sum) or the candidate scores",
-                                sync.group)
+        check_agree(values, "the score given to add_validation_score (all-reduce the validation "
+                    "metrics first, e.g. with pbp_fast.distributed.all_reduce_sum) or the "
+                    "candidate scores", sync.group)
 
     def _better(self, score, ref):
         if ref is None:

@@ -422,11 +422,11 @@ def digits(size: int = 16, val_fraction: float = 0.2, test_fraction: float = 0.2
 # Batches on the device
 # ----------------------------------------------------------------------------------------------
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A well-mixed 63-bit seed for ``(seed, epoch)``: each epoch's randomness on its own."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
-
-
+def epoch_seed(seed: int, epoch: int, *more: int) -> int:
+    """A well-mixed 63-bit seed for ``(seed, epoch, *more)``: each epoch's randomness (and, with
+    ``more``, e.g. each rank's) on its own."""
+    words = [seed, epoch, *more]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
 
 
 class BatchLoader:
@@ -470,19 +470,27 @@ class BatchLoader:
         x = ((x.float() - self._mean) * self._inv_std).to(self.dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch_order(self) -> tuple[torch.Generator, torch.Tensor | None]:
+        """The epoch's generator, seeded with ``(seed, epoch)``, and the permutation drawn from
+        it first (None without ``shuffle``: the data set's order)."""
         dev = self.dataset.device
         gen = torch.Generator(device=dev)
         gen.manual_seed(epoch_seed(self.seed, self.epoch))
-        n = len(self.dataset)
-        order = torch.randperm(n, generator=gen, device=dev) if self.shuffle else None
-        for b in range(len(self)):
-            lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, n)
-            if order is None:
-                x, y = self.dataset.images[lo:hi], self.dataset.labels[lo:hi]
-            else:
-                idx = order[lo:hi]
-                x, y = self.dataset.images[idx], self.dataset.labels[idx]
+        order = torch.randperm(len(self.dataset), generator=gen, device=dev) \
+            if self.shuffle else None
+        return gen, order
+
+    def batches(self, indices, generator: torch.Generator):
+        """The normalised ``(x, y)`` of each batch of ``indices`` (index tensors or slices),
+        augmented by ``transform`` with ``generator``."""
+        for idx in indices:
+            x, y = self.dataset.images[idx], self.dataset.labels[idx]
             if self.transform is not None:
-                x = self.transform(x, gen)
+                x = self.transform(x, generator)
             yield self.normalize(x), y
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen, order = self.epoch_order()
+        b = self.batch_size
+        spans = [slice(i * b, min((i + 1) * b, len(self.dataset))) for i in range(len(self))]
+        yield from self.batches(spans if order is None else [order[s] for s in spans], gen)

@@ -1,0 +1,116 @@
+"""A unit's candidate dendrite during the dendrite phase: its weights, its running statistics and
+its best snapshot (docs/design.md, "The dendrite phase").
+
+For each batch, the unit's error e = dL/dy arrives in the unit's backward; :meth:`Candidate.pass_`
+runs the fused candidate pass on it,
+
+    v   = sigmoid(conv(x~; W_c, b_c) + sum_j kappa_c[j] s_j)
+    L_c = -sum_p sign(C_c) * (e_p - mean_e_c) * v_p / n,    C_c = cov(v_c, e_c) / std(e_c)
+
+and :meth:`Candidate.update` folds the batch's per-channel sums of (v, e, v e, e e) into the
+running means (cumulative for ``warmup_batches`` batches, then an EMA with ``momentum``),
+scores sum_c |C_c| and snapshots the weights whenever the score beats the best by more than
+``threshold`` (relative).  Both are tensor ops on the device: no host synchronisation.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pbp_fast import ops
+from pbp_fast.ops import reference
+
+__all__ = ["Candidate"]
+
+_WEIGHTS = ("weight", "bias", "cascade")
+
+
+def _accumulate_grad(p, g):
+    g = g.to(p.dtype).view_as(p)
+    if p.grad is None:
+        p.grad = g.clone(memory_format=torch.preserve_format)
+    else:
+        p.grad.add_(g)
+
+
+def _as(t, dtype):
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+class Candidate(nn.Module):
+    """Parameters ``weight`` (*W.shape), ``bias`` (Cout,), ``cascade`` (D, Cout) (its weights on
+    the unit's D trained dendrites); float64 buffers ``stats`` (4, Cout) (running means of v, e,
+    v e, e e), ``count`` and ``batches`` (positions and batches seen), the snapshot
+    ``best_weight``/``best_bias``/``best_cascade`` and its ``best_score``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, cascade: torch.Tensor):
+        super().__init__()
+        c = weight.shape[0]
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias)
+        self.cascade = nn.Parameter(cascade)
+        f64 = dict(dtype=torch.float64, device=weight.device)
+        self.register_buffer("stats", torch.zeros(4, c, **f64))
+        self.register_buffer("count", torch.zeros((), **f64))
+        self.register_buffer("batches", torch.zeros((), **f64))
+        for name in _WEIGHTS:
+            self.register_buffer("best_" + name, getattr(self, name).detach().clone())
+        self.register_buffer("best_score", torch.zeros((), **f64))
+
+    def correlation(self) -> torch.Tensor:
+        """C_c (per output channel) from the running statistics."""
+        return reference.correlation(self.stats)
+
+    def best(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weight, bias, cascade) of the best snapshot, or the current ones if none was taken."""
+        took = self.best_score > 0
+        return tuple(torch.where(took, getattr(self, "best_" + n), getattr(self, n)).detach()
+                     for n in _WEIGHTS)
+
+    @torch.no_grad()
+    def pass_(self, x, s, e, conv_kw: dict, *, backend="auto", world_size: int = 1):
+        """The candidate pass on one batch: ``(stats, n, (grad_weight, grad_bias,
+        grad_cascade))`` for the unit input ``x``, the trained dendrites' activations ``s`` (or
+        None) and the error ``e``.  With ``world_size`` w ranks whose objective is the mean of
+        theirs (DDP), the unit's error is e / w: the sums and gradients are those of e / w."""
+        dt = x.dtype
+        mean_e, sign = ops.candidate_objective(self.stats, dt, backend=backend)
+        if world_size > 1:
+            # Rather than scale e, scale what the pass combines it with:
+            # sign * (e / w - mean_e) = (sign / w) * (e - w * mean_e).
+            sign, mean_e = sign / world_size, mean_e * world_size
+        fmt = torch.channels_last if ops.is_channels_last(x) else torch.contiguous_format
+        e = e.to(dt).contiguous(memory_format=fmt)
+        d = self.cascade.shape[0]
+        stats, gw, gb, gc = ops.candidate_pass(
+            x, _as(self.weight, dt), _as(self.bias, dt), _as(self.cascade, dt) if d else None,
+            s if d else None, e, mean_e, sign, **conv_kw, backend=backend)
+        if world_size > 1:  # rows (v, e, v e, e e) of the sums, for the error e / w
+            stats[1:3] /= world_size
+            stats[3] /= world_size ** 2
+        return stats, e.numel() // e.shape[1], (gw, gb, gc)
+
+    @torch.no_grad()
+    def update(self, stats, n, *, warmup_batches=reference.WARMUP_BATCHES,
+               momentum=reference.STATS_MOMENTUM, threshold=reference.SNAPSHOT_THRESHOLD,
+               backend="auto") -> None:
+        """Fold one batch's sums ``stats`` over ``n`` positions (an int or a 0-dim tensor) into
+        the running statistics and take a snapshot where the score improved: two fused ops
+        (``ops.candidate_update``, then the snapshot), no host synchronisation."""
+        better = ops.candidate_update(self.stats, self.count, self.batches, self.best_score,
+                                      stats, n, warmup_batches=warmup_batches,
+                                      momentum=momentum, threshold=threshold, backend=backend)
+        for name in _WEIGHTS:
+            best = getattr(self, "best_" + name)
+            torch.where(better, getattr(self, name), best, out=best)
+
+    @torch.no_grad()
+    def accumulate_grad(self, grads) -> None:
+        """Add ``(grad_weight, grad_bias, grad_cascade)`` to the parameters' ``.grad``."""
+        for name, g in zip(_WEIGHTS, grads):
+            p = getattr(self, name)
+            if p.numel():
+                _accumulate_grad(p, g)
+
+    def extra_repr(self) -> str:
+        return f"out_channels={self.weight.shape[0]}, cascade={self.cascade.shape[0]}"

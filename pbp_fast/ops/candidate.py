@@ -1,0 +1,132 @@
+"""The candidate's ops: one batch of a candidate dendrite's correlation training and its
+bookkeeping (docs/design.md, "The dendrite phase").
+
+    candidate_pass       v = sigmoid(conv(x~; W_c, b_c) + sum_j kappa_c[j] s_j); the batch's
+                         per-channel sums of (v, e, v e, e e) and the gradients of
+                         L_c = -sum sign(C_c) (e - mean_e_c) v / n
+    candidate_objective  (mean_e, sign C) from the running means
+    candidate_update     fold a batch's sums into the running means; raise the best score
+
+Read top to bottom: the public functions (checks, then dispatch), then the fake
+implementations every backend's registered ops share.  The math is in :mod:`reference`; the
+kernels are in csrc/cpu/candidate.cpp and kernels/candidate.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from pbp_fast.ops import checks, reference
+from pbp_fast.ops.backend import fused, pick_backend, state_backend
+from pbp_fast.ops.layout import conv_out_shape, empty_like_layout
+
+
+def candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, *, stride=1, padding=0,
+                   dilation=1, groups=1, backend="auto"):
+    """One batch of a candidate's correlation training.
+
+    From the unit input ``x``, the candidate's ``weight``/``bias``, its ``cascade`` (D, Cout)
+    weights on the unit's trained dendrite activations ``s`` (D, N, Cout, Ho, Wo), the unit's error
+    ``e`` = dL/dy, the running ``mean_e`` (Cout,) and ``sign`` = sign(C) (Cout,), returns
+    ``(stats, grad_weight, grad_bias, grad_cascade)``: stats (4, Cout) float32 rows
+    (sum v, sum e, sum v*e, sum e*e) and the gradients of L_c = -sum sign (e - mean_e) v / n."""
+    checks.input_x(x)
+    checks.tensor(weight, "weight", 4)
+    c_out = weight.shape[0]
+    conv = checks.conv_args(x, c_out, weight.shape[1:], stride, padding, dilation, groups)
+    checks.tensor(bias, "bias", 1, optional=True)
+    checks.shape(bias, "bias", (c_out,))
+    checks.tensor(e, "e", 4)
+    y_shape = conv_out_shape(x, weight.shape, *conv[:3])
+    checks.shape(e, "e", y_shape)
+    if (cascade is None) != (s is None):
+        raise ValueError("cascade and s must be given together (or both None when the unit has "
+                         "no trained dendrites)")
+    if cascade is not None:
+        checks.tensor(cascade, "cascade", 2)
+        checks.tensor(s, "s", 5)
+        checks.shape(cascade, "cascade", (cascade.shape[0], c_out))
+        checks.shape(s, "s", (cascade.shape[0],) + y_shape)
+        if cascade.shape[0] == 0:
+            cascade = s = None
+    for name, t in (("mean_e", mean_e), ("sign", sign)):
+        checks.tensor(t, name, 1)
+        checks.shape(t, name, (c_out,))
+    checks.same_kind(x, (("weight", weight), ("bias", bias), ("cascade", cascade), ("s", s),
+                         ("e", e), ("mean_e", mean_e), ("sign", sign)))
+    backend = pick_backend(backend, x)
+    if backend == "reference" or x.shape[0] == 0:
+        return reference.candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, *conv)
+    return fused("candidate_pass", backend)(x, weight, bias, cascade, s, e, mean_e, sign, *conv)
+
+
+def candidate_objective(mean, dtype, *, backend="auto"):
+    """``(mean_e, sign)`` in ``dtype`` from a candidate's running means ``mean`` (4, Cout)
+    float64 of (v, e, v*e, e*e): what :func:`candidate_pass` takes."""
+    checks.state(mean, "mean", (4, None))
+    if dtype not in checks.FLOATS:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    backend = state_backend(backend, mean)
+    if backend == "reference":
+        return reference.candidate_objective(mean, dtype)
+    return fused("candidate_objective", backend)(mean, dtype)
+
+
+def candidate_update(mean, count, batches, best_score, sums, n, *,
+                     warmup_batches=reference.WARMUP_BATCHES,
+                     momentum=reference.STATS_MOMENTUM,
+                     threshold=reference.SNAPSHOT_THRESHOLD, backend="auto"):
+    """One batch's bookkeeping of a candidate, in place (``reference.candidate_update``): fold
+    the batch's ``sums`` (4, Cout) over ``n`` positions (a number or a 0-dim tensor) into the
+    running means ``mean`` (4, Cout), ``count`` and ``batches``, and raise ``best_score`` to the
+    score when it beats it.  All state tensors are float64 (``count``, ``batches`` and
+    ``best_score`` 0-dim).  Returns that decision as a 0-dim bool tensor (snapshot the
+    candidate's weights where it holds).  No host synchronisation."""
+    checks.state(mean, "mean", (4, None))
+    for name, t in (("count", count), ("batches", batches), ("best_score", best_score)):
+        checks.state(t, name, ())
+    checks.tensor(sums, "sums", 2)
+    checks.shape(sums, "sums", tuple(mean.shape))
+    if not isinstance(n, torch.Tensor):
+        n = mean.new_full((), float(n))
+    elif n.dim() != 0:
+        raise ValueError(f"n must be a number or a 0-dim tensor, got shape {tuple(n.shape)}")
+    for name, t in (("count", count), ("batches", batches), ("best_score", best_score),
+                    ("sums", sums), ("n", n)):
+        if t.device != mean.device:
+            raise ValueError(f"{name} is on {t.device} but mean is on {mean.device}")
+    backend = state_backend(backend, mean)
+    if backend == "reference":
+        *new, better = reference.candidate_update(mean, count, batches, best_score, sums, n,
+                                                  warmup_batches, momentum, threshold)
+        for buf, value in zip((mean, count, batches, best_score), new):
+            buf.copy_(value)
+        return better
+    return fused("candidate_update", backend)(mean, count, batches, best_score, sums, n,
+                                              int(warmup_batches), float(momentum),
+                                              float(threshold))
+
+
+# -- what every backend's registered ops share -------------------------------------------------
+def _fake_pass(x, weight, bias, cascade, s, e, mean_e, sign, stride, padding, dilation, groups):
+    c = weight.shape[0]
+    d = 0 if cascade is None else cascade.shape[0]
+    return (x.new_empty((4, c), dtype=torch.float32),
+            empty_like_layout(weight.shape, weight, False), weight.new_empty(c),
+            weight.new_empty((d, c)))
+
+
+def _fake_objective(mean, dtype):
+    c = mean.shape[1]
+    return mean.new_empty(c, dtype=dtype), mean.new_empty(c, dtype=dtype)
+
+
+def _fake_update(mean, count, batches, best_score, sums, n, warmup_batches, momentum, threshold):
+    return mean.new_empty((), dtype=torch.bool)
+
+
+def register(prefix: str) -> None:
+    """Register the fake implementations of ``pbp_fast::{prefix}candidate_*`` (the C++ ops;
+    ops made by ``triton_op`` have theirs already)."""
+    for name, fake in (("candidate_pass", _fake_pass), ("candidate_objective", _fake_objective),
+                       ("candidate_update", _fake_update)):
+        torch.library.register_fake(f"pbp_fast::{prefix}{name}", fake)
