@@ -5,7 +5,7 @@ models with PB against the w = 1.0 baseline, each trained with the recipe and wi
     python bench/cifar_table.py --row recipe-w1.0-pb --seeds 0 1 2 --data ../shared/data
     python bench/cifar_table.py --row all --seeds 0 1 2 --jobs 8   # 24 runs, 8 at a time
     python bench/cifar_table.py --row recipe-w1.0-pb --smoke # CPU check: a subset, 3 epochs
-    python bench/cifar_table.py --report                     # the results into README.md
+    python bench/cifar_table.py --report                     # the results into docs/cifar10.md
 
 Each row is one ``pbp-fast train`` command, run in this process (:func:`pbp_fast.recipe.train`)
 once per seed into ``<out>/<row>/seed<k>``; a folder holding a ``last.pt`` is resumed.  With
@@ -54,7 +54,7 @@ from pbp_fast.recipe.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "cifar10.json"
-README = ROOT / "README.md"
+README = ROOT / "docs" / "cifar10.md"
 BEGIN, END = "<!-- cifar10-table:begin -->", "<!-- cifar10-table:end -->"
 SCRIPT = "python bench/cifar_table.py"
 
@@ -434,7 +434,7 @@ def main(argv=None) -> int:
     what.add_argument("--row", nargs="+", choices=[*ROWS, "all"], metavar="ROW",
                       help=f"train these rows ('all', or of: {', '.join(ROWS)})")
     what.add_argument("--list", action="store_true", help="list the rows and their commands")
-    what.add_argument("--report", action="store_true", help="write the results into the README")
+    what.add_argument("--report", action="store_true", help="write the results into docs/cifar10.md")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=1,
                    help="runs (row and seed) side by side, each in a process of its own sharing "

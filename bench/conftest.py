@@ -12,7 +12,7 @@ import platform
 import pytest
 import torch
 
-import report  # bench/report.py: the table, also for the README
+import report  # bench/report.py: the table, also for docs/benchmarks.md
 
 
 def pytest_addoption(parser):

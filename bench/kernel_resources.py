@@ -16,7 +16,7 @@ meta-parameters of the GPU path.  Each distinct
 specialisation is then compiled with ``triton.compile`` for the target and the cubin's resource
 usage read with ``cuobjdump``.
 
-    python bench/kernel_resources.py --json bench/results/sm90.json --readme README.md
+    python bench/kernel_resources.py --json bench/results/sm90.json --readme docs/kernels.md
 
 Must run without ``TRITON_INTERPRET`` (the interpreter has no compiler); exit status 1 when a
 configuration fails to compile.

@@ -1,10 +1,10 @@
-"""Turn the --ratios-json files of a benchmark run into the README's markdown tables (the same
+"""Turn the --ratios-json files of a benchmark run into markdown tables (the same
 table ends the pytest run).  With --readme, each file's table replaces what stands between
 ``<!-- bench:NAME:begin -->`` and ``<!-- bench:NAME:end -->`` in that file (NAME: the JSON
 file's name without .json); otherwise the tables are printed.
 
     pytest bench/test_block.py --benchmark-only --ratios-json bench/results/block.json
-    python bench/report.py bench/results/block.json --readme README.md
+    python bench/report.py bench/results/block.json --readme docs/benchmarks.md
 """
 import argparse
 import json
@@ -38,7 +38,7 @@ def write_between_markers(text: str, name: str, body: str) -> str:
     begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise SystemExit(f"no {begin} ... {end} markers in the README")
+        raise SystemExit(f"no {begin} ... {end} markers in the file")
     return pattern.sub(lambda _: f"{begin}\n{body}\n{end}", text)
 
 

@@ -31,7 +31,7 @@ TORCH_LIBRARY(pbp_fast, m) {
         "Tensor e, Tensor mean_e, Tensor sign, int[2] stride, int[2] padding, int[2] dilation, "
         "int groups) -> (Tensor, Tensor, Tensor, Tensor)");
   // From a candidate's running means (4, Cout) float64 of (v, e, v e, e e): (mean_e, sign(C))
-  // in `dtype`, what candidate_pass takes (C = correlation, DESIGN.md "Math").
+  // in `dtype`, what candidate_pass takes (C = correlation, docs/design.md "The math").
   m.def("candidate_objective(Tensor mean, ScalarType dtype) -> (Tensor, Tensor)");
   // One batch's bookkeeping, in place: fold the batch's sums (4, Cout) over n positions into the
   // running means (cumulative for warmup_batches batches, then an EMA with momentum; skipped

@@ -1,7 +1,12 @@
 """pbp_fast.kernels: the Triton backend (installed from the repository's kernels/).
 
-``dendritic`` holds the @triton.jit kernels, ``ops`` their launchers, registered as the ops
-``torch.ops.pbp_fast.triton_*`` (``torch.library.triton_op``: torch.compile traces into them) and
-as the CUDA kernels of the C++ ops of csrc/ops.cpp.  ``import pbp_fast.kernels.ops`` registers
-them; ``pbp_fast.functional`` does so on first use of ``backend="triton"``.
+One file per op family, each reading top to bottom (@triton.jit kernels, then their launchers,
+registered with ``torch.library.triton_op`` as ``torch.ops.pbp_fast.triton_*`` and, on a CUDA
+machine, as the CUDA kernels of the C++ ops of csrc/ops.cpp):
+
+    dendritic_conv2d.py   the dendritic conv's forward and backward
+    candidate.py          the candidate pass and its bookkeeping
+    common.py             what both share: tile addressing, the conv tiles, launch helpers
+
+Importing a family registers its ops; ``pbp_fast.ops.triton_ops()`` imports both.
 """

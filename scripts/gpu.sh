@@ -6,7 +6,7 @@
 #   bash scripts/gpu.sh tests     # every test, the CUDA ones included
 #   bash scripts/gpu.sh kernels   # bench/test_gpu.py: ops, copy bandwidth, tile sweep
 #   bash scripts/gpu.sh steps     # bench/test_step.py: eager, torch.compile, CUDA graphs
-#   bash scripts/gpu.sh report    # the JSON results -> the README's GPU tables
+#   bash scripts/gpu.sh report    # the JSON results -> the GPU tables of docs/benchmarks.md
 #
 # With no argument it runs all five in that order.  PYTHON selects the interpreter.
 set -euo pipefail
@@ -23,7 +23,7 @@ stage() {
         steps) "$PY" -m pytest bench/test_step.py --benchmark-only -q \
                    --ratios-json bench/results/step_gpu.json ;;
         report) "$PY" bench/report.py bench/results/gpu_ops.json bench/results/step_gpu.json \
-                    --readme README.md ;;
+                    --readme docs/benchmarks.md ;;
         *) echo "unknown stage: $1 (build, tests, kernels, steps, report)" >&2; exit 2 ;;
     esac
 }

@@ -84,7 +84,8 @@ def test_packed_jpeg_decodes_and_caches(packed_jpeg, tmp_path, monkeypatch):
     assert np.abs(ds.images.numpy().astype(int) - images).mean() < 4   # JPEG error only
     assert len(list(cache.glob("*.npy"))) == 1
     # The second load reads the cache and does not decode.
-    monkeypatch.setattr(data, "_decode_jpegs", lambda *a, **k: pytest.fail("decoded again"))
+    from pbp_fast.recipe import cifar10
+    monkeypatch.setattr(cifar10, "_decode_jpegs", lambda *a, **k: pytest.fail("decoded again"))
     again = data.cifar10(root / "toy_jpeg_train.npz", cache_dir=cache)
     assert torch.equal(again.images, ds.images)
 

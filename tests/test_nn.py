@@ -1,4 +1,4 @@
-"""Dendritic units (pbp_fast.nn): exactness at alpha = 0, the DESIGN.md math against a plain
+"""Dendritic units (pbp_fast.nn): exactness at alpha = 0, the math of docs/design.md against a plain
 re-implementation, perforated gradients, the candidate's backward against the reference
 candidate pass, BatchNorm folding and state_dict round trips that rebuild dendrites and
 candidates, and the dendrite phase under torch.compile."""
@@ -40,7 +40,7 @@ def _make(conv, bn, backend):
 
 
 def _manual(unit, x):
-    """y = BN(conv(x)) + sum_k alpha_k s_k written out with F.conv2d (DESIGN.md "Math")."""
+    """y = BN(conv(x)) + sum_k alpha_k s_k written out with F.conv2d (docs/design.md, "The math")."""
     z = unit._main(x)
     kw = unit._conv_kw
     s = []
@@ -291,6 +291,23 @@ def test_state_dict_round_trip_rebuilds_dendrites_and_candidate():
     small.add_dendrite()
     fresh.load_state_dict(small.state_dict())
     assert fresh.num_dendrites == 1 and not fresh.has_candidate
+
+
+def test_state_dict_with_the_flat_candidate_keys_of_older_checkpoints_loads():
+    """Checkpoints written before the candidate was a module of its own hold its state under
+    ``candidate_weight``, ``candidate_stats``, ...: they load into ``unit.candidate``."""
+    unit, x = _candidate_unit(d=2)
+    unit(x).sum().backward()
+    state = unit.state_dict()
+    flat = {k.replace("candidate.", "candidate_"): v.clone() for k, v in state.items()}
+    assert "candidate_best_score" in flat and not any("candidate." in k for k in flat)
+    conv, bn, _ = _unit("dense3x3", seed=7)
+    fresh = DendriticConv2d(conv, bn)
+    result = fresh.load_state_dict(flat)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert fresh.has_candidate and fresh.num_dendrites == 2
+    for k, v in state.items():
+        assert torch.equal(fresh.state_dict()[k], v), k
 
 
 def test_double_precision_and_errors():

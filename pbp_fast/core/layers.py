@@ -39,7 +39,7 @@ class DendriticConv2d(DendriticUnit):
         z = self.conv(x)
         return z if self.bn is None else self.bn(z)
 
-    def _main_weight_bias(self):
+    def main_weight_bias(self):
         return self.conv.weight, self.conv.bias
 
     def _to_4d(self, x, z):
@@ -81,7 +81,7 @@ class DendriticLinear(DendriticUnit):
         z = self.linear(x)
         return z if self.bn is None else self.bn(z)
 
-    def _main_weight_bias(self):
+    def main_weight_bias(self):
         w = self.linear.weight
         return w.view(w.shape[0], w.shape[1], 1, 1), self.linear.bias
 

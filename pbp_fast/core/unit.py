@@ -91,7 +91,8 @@ class DendriticUnit(nn.Module):
     def _main(self, x):  # z = BN(conv(x)) with the original modules
         raise NotImplementedError
 
-    def _main_weight_bias(self):  # (W as a 4-D conv weight, b or None)
+    def main_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The main layer's (weight as a 4-D conv weight, bias or None), before BatchNorm."""
         raise NotImplementedError
 
     def _to_4d(self, x, z):
@@ -110,7 +111,7 @@ class DendriticUnit(nn.Module):
         return self.candidate is not None
 
     def _like(self):
-        w = self._main_weight_bias()[0]
+        w = self.main_weight_bias()[0]
         return dict(dtype=w.dtype, device=w.device)
 
     def dendrite_parameters(self) -> list[nn.Parameter]:
@@ -226,7 +227,7 @@ class DendriticUnit(nn.Module):
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The main conv with an eval-mode BatchNorm folded in, as a 4-D conv weight and bias:
         W' = W * g / sqrt(var + eps),  b' = (b - mean) * g / sqrt(var + eps) + beta."""
-        w, b = self._main_weight_bias()
+        w, b = self.main_weight_bias()
         b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b
         bn = self.bn
         if bn is None:

@@ -113,7 +113,7 @@ def _fold_unit(name: str, unit: DendriticUnit) -> nn.Module:
         main = unit.conv if isinstance(unit, DendriticConv2d) else unit.linear
         return nn.Sequential(main, unit.bn)  # nothing to fold: keep the layers as they were
     weight, bias = unit.folded_weight_bias()
-    has_bias = unit.bn is not None or unit._main_weight_bias()[1] is not None
+    has_bias = unit.bn is not None or unit.main_weight_bias()[1] is not None
     main = _layer(unit, weight, bias if has_bias else None)
     if not unit.num_dendrites:
         return main

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from pbp_fast.distributed.group import rank, world_size
-from pbp_fast.recipe.data import epoch_seed
 
 __all__ = ["ShardedLoader", "shard"]
 
@@ -48,9 +47,7 @@ class ShardedLoader:
             batches = [order[(i * w + r) * b:(i * w + r + 1) * b] for i in range(len(self))]
         else:  # every image exactly once: rank r takes order[r::w]
             batches = order[r::w].split(b)
-        aug_gen = torch.Generator(device=ds.device)
-        aug_gen.manual_seed(epoch_seed(ld.seed, ld.epoch, r + 1))
-        yield from ld.batches(batches, aug_gen)
+        yield from ld.batches(batches, ld.generator(r + 1))
 
 
 def shard(loader, *, group=None, ranks: tuple[int, int] | None = None):
