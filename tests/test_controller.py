@@ -51,6 +51,44 @@ def test_neuron_patience_switches_to_the_dendrite_phase():
     assert model[0].bn.momentum == 0.0
 
 
+class _Versioned(nn.Module):
+    """A block whose load hook reads its state_dict version, as torchvision's MNASNet does."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        version = local_metadata.get("version")
+        if version not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {version}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def test_restoring_the_best_model_keeps_the_state_dict_metadata():
+    """The best-model snapshot loads back through load hooks that read the modules' versions,
+    after a checkpoint round trip too."""
+    model = nn.Sequential(_Versioned(), nn.Flatten(), nn.Linear(12, 2))
+    pbp.convert(model)
+    pb = pbp.PerforatedBackprop(model, n_patience=1)
+    decisions = _feed(pb, [0.5, 0.4])
+    assert decisions[-1].restored and pb.phase == "dendrite"
+    assert pb.best_model._metadata["0"]["version"] == 2
+    buf = io.BytesIO()
+    torch.save(pb.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    model.load_state_dict(state["best_model"])  # raised before the metadata was kept
+    twin = pbp.PerforatedBackprop(model, n_patience=1)
+    twin.load_state_dict(state)
+    twin.model.load_state_dict(twin.best_model)
+
+
 def test_best_model_is_restored_before_candidates():
     model = _model()
     pb = pbp.PerforatedBackprop(model, n_patience=2)

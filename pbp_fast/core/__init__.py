@@ -12,7 +12,7 @@
 """
 from pbp_fast.core.candidate import Candidate
 from pbp_fast.core.config import PBConfig
-from pbp_fast.core.controller import Decision, PerforatedBackprop, State
+from pbp_fast.core.controller import Decision, PerforatedBackprop, State, snapshot_state_dict
 from pbp_fast.core.conversion import ParameterCount, convert, count_parameters, replace_module
 from pbp_fast.core.history import History
 from pbp_fast.core.layers import DendriticConv2d, DendriticLinear
@@ -20,4 +20,4 @@ from pbp_fast.core.unit import DendriticUnit
 
 __all__ = ["DendriticUnit", "DendriticConv2d", "DendriticLinear", "Candidate", "convert",
            "count_parameters", "ParameterCount", "replace_module", "PBConfig",
-           "PerforatedBackprop", "Decision", "State", "History"]
+           "PerforatedBackprop", "Decision", "State", "History", "snapshot_state_dict"]

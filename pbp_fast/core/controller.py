@@ -19,8 +19,10 @@ Every transition returns ``Decision.restructured = True``: rebuild the optimizer
 """
 from __future__ import annotations
 
+import copy
 import enum
 import math
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields, replace
 
 from torch import nn
@@ -30,6 +32,17 @@ from pbp_fast.core.conversion import count_parameters
 from pbp_fast.core.history import History
 from pbp_fast.core.unit import DendriticUnit
 from pbp_fast.distributed.group import check_agree
+
+
+def snapshot_state_dict(state_dict) -> OrderedDict:
+    """A CPU copy of a model's ``state_dict`` that loads back like the original: the tensors
+    copied, and its ``_metadata`` (each module's version, which load hooks such as
+    torchvision's MNASNet and BatchNorm's read) kept."""
+    out = OrderedDict((k, v.detach().to("cpu", copy=True)) for k, v in state_dict.items())
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        out._metadata = copy.deepcopy(metadata)
+    return out
 
 
 class State(str, enum.Enum):
@@ -132,8 +145,7 @@ class PerforatedBackprop:
                 self.stage_best = score
             if improved:
                 self.best_score, self.stage_beat_best = score, True
-                self.best_model = {k: v.detach().to("cpu", copy=True)
-                                   for k, v in self.model.state_dict().items()}
+                self.best_model = snapshot_state_dict(self.model.state_dict())
         else:
             scores = [float(u.candidate.best_score) for u in self.units.values()]
             self._count(any(s > old for s, old in zip(scores, self.candidate_scores)))

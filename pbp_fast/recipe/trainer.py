@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pbp_fast import distributed
-from pbp_fast.core import DendriticUnit, PerforatedBackprop, convert, count_parameters
+from pbp_fast.core import (DendriticUnit, PerforatedBackprop, convert, count_parameters,
+                           snapshot_state_dict)
 from pbp_fast.deploy.distill import distiller_from_config
 from pbp_fast.recipe import augment as aug
 from pbp_fast.recipe import checkpoint as ckpt_io
@@ -255,7 +256,7 @@ class _Run:
             best_model = self.model.state_dict() if improved else None
         if improved:
             self.best_acc, self.best_epoch = val_acc, self.epoch
-            state = {k: v.detach().to("cpu", copy=True) for k, v in best_model.items()}
+            state = snapshot_state_dict(best_model)
             if self.pb is None:
                 self.best_state = state
             self.save_best(state)
