@@ -17,8 +17,8 @@ try:
     import torch  # noqa: F401
     from torch.utils.cpp_extension import BuildExtension, CppExtension, include_paths
 except ImportError:
-    sys.exit("pbp_fast: torch must be installed before building (e.g. `pip install torch`), "
-             "then run `pip install --no-build-isolation .`")
+    sys.exit("pbp_fast: the build compiles against the torch already installed: install torch "
+             "first (e.g. pip install torch==2.13.0), then pip install --no-build-isolation .")
 
 here = os.path.dirname(os.path.abspath(__file__))
 

@@ -137,3 +137,26 @@ def test_count_parameters_shows_dendrites_and_candidates_apart():
     assert count.candidates == 72 + 8 + 16
     assert count.main == main and count.total == main + count.dendrites + count.candidates
     assert count.as_dict()["total"] == count.total and "dendrites" in str(count)
+
+
+class _ReadsItsWeight(nn.Module):
+    """Attention as torchvision's Swin writes it: a functional op with ``self.qkv.weight``."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.proj(F.linear(x, self.qkv.weight, self.qkv.bias))
+
+
+def test_layers_whose_weights_the_forward_reads_stay_unconverted():
+    model = nn.Sequential(_ReadsItsWeight(), nn.ReLU(), nn.Linear(2, 3))
+    x = torch.randn(5, 4)
+    before = model(x)
+    with pytest.warns(UserWarning, match=r"leaving 0\.qkv unconverted: the model's forward "
+                                         r"reads its parameters"):
+        units = pbp.convert(model)
+    assert sorted(units) == ["0.proj", "2"]
+    assert type(model[0].qkv) is nn.Linear
+    assert torch.equal(model(x), before)

@@ -44,14 +44,17 @@ class _Tracer(fx.Tracer):
         return isinstance(m, DendriticUnit) or super().is_leaf_module(m, qualname)
 
 
-def _traced_pairs(module, prefix):
-    """{layer name: bn name} for the layer -> BN edges of a trace of ``module`` (None if it does
-    not trace).  An edge counts when each module is called once and the layer's only user is
-    the BN."""
+def _traced(module, prefix):
+    """What a trace of ``module`` shows (None if it does not trace): ``({layer name: bn name},
+    {names of modules whose parameters the forward reads itself})``.  A layer -> BN edge counts
+    when each module is called once and the layer's only user is the BN.  A layer whose weight
+    the forward reads (e.g. to call a functional op with it) is not computed by calling it, so
+    a unit in its place would not run."""
     try:
         graph = _Tracer().trace(module)
     except Exception:  # untraceable forward (data-dependent control flow, ...)
         return None
+    read = {prefix + n.target.rpartition(".")[0] for n in graph.nodes if n.op == "get_attr"}
     calls = [n for n in graph.nodes if n.op == "call_module"]
     uses = {}
     for n in calls:
@@ -67,7 +70,7 @@ def _traced_pairs(module, prefix):
         layer, bn = module.get_submodule(n.target), module.get_submodule(bn_node.target)
         if _bn_follows(layer, bn):
             pairs[prefix + n.target] = prefix + bn_node.target
-    return pairs
+    return pairs, read
 
 
 def _sequential_pairs(module, prefix):
@@ -81,16 +84,21 @@ def _sequential_pairs(module, prefix):
     return pairs
 
 
-def _bn_pairs(module, prefix=""):
-    """{layer name: following BN name} over the whole model."""
-    traced = _traced_pairs(module, prefix)
+def _data_flow(module, prefix=""):
+    """``({layer name: following BN name}, {modules whose parameters the forward reads})`` over
+    the whole model: from a trace of it, else of each submodule that traces (and the
+    adjacent entries of an ``nn.Sequential``)."""
+    traced = _traced(module, prefix)
     if traced is not None:
         return traced
     pairs = _sequential_pairs(module, prefix) if isinstance(module, nn.Sequential) else {}
+    read = set()
     for name, child in module.named_children():
         if not isinstance(child, DendriticUnit):
-            pairs.update(_bn_pairs(child, prefix + name + "."))
-    return pairs
+            child_pairs, child_read = _data_flow(child, prefix + name + ".")
+            pairs.update(child_pairs)
+            read |= child_read
+    return pairs, read
 
 
 def _matcher(patterns, name):
@@ -124,8 +132,10 @@ def convert(model: nn.Module, include=None, exclude=None) -> dict[str, Dendritic
     ``include`` / ``exclude``: None, a glob (``"features.*"``), a list of globs or a callable
     ``(qualified_name, module) -> bool`` selecting layers by their name in
     ``model.named_modules()``.  Layers the fused op cannot express (padding modes other than
-    zeros, asymmetric 'same' padding, subclasses with their own forward) are skipped with a
-    warning.  Returns ``{name: unit}`` for every unit of the model (existing ones included)."""
+    zeros, asymmetric 'same' padding, subclasses with their own forward) and layers whose
+    parameters the forward reads instead of calling the layer (torchvision's Swin attention)
+    are skipped with a warning.  Returns ``{name: unit}`` for every unit of the model (existing
+    ones included)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if _kind(model) is not None:
@@ -143,7 +153,11 @@ def convert(model: nn.Module, include=None, exclude=None) -> dict[str, Dendritic
         if (inc is not None and not inc(name, m)) or (exc is not None and exc(name, m)):
             continue
         chosen[name] = m
-    pairs = _bn_pairs(model) if chosen else {}
+    pairs, read = _data_flow(model) if chosen else ({}, set())
+    for name in sorted(read & set(chosen)):
+        warnings.warn(f"pbp_fast.convert: leaving {name} unconverted: the model's forward reads "
+                      f"its parameters instead of calling it", stacklevel=2)
+        del chosen[name]
     for name, layer in chosen.items():
         bn = model.get_submodule(pairs[name]) if name in pairs else None
         cls = DendriticConv2d if _kind(layer) is nn.Conv2d else DendriticLinear
