@@ -231,6 +231,7 @@ def test_history_csv_and_figure(tmp_path):
     assert rows[1]["event"] == "start_dendrite_phase" and rows[-1]["train_loss"] == "0.25"
     assert rows[2]["params_candidates"] != "0" and rows[4]["num_dendrites"] == "1"
     assert float(rows[3]["candidate_score"]) == pytest.approx(0.4)
+    pytest.importorskip("matplotlib")
     png = pb.history.plot(tmp_path / "h.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -4,7 +4,7 @@ the controller's switch to the dendrite phase (best model restored); a dendrite-
 trains every candidate that ran; adoption; then ``fold`` and an ONNX export, each checked against
 the converted model with its dendrites in use (alphas set nonzero).
 
-Skipped where torchvision or timm does not import (scripts/test_newest_torch.sh runs them).
+Skipped where torchvision or timm does not import (scripts/test_torch.sh newest runs them).
 """
 import pytest
 import torch
