@@ -17,7 +17,7 @@ from torch import nn
 
 import pbp_fast
 from pbp_fast import functional as Fn
-from pbp_fast.nn import DendriticConv2d
+from pbp_fast.core import DendriticConv2d
 
 N, C, O, HW = 64, 64, 128, 32
 PATHS = [p for p in ("reference", "cpp") if p in pbp_fast.backends()]

@@ -1,4 +1,4 @@
-"""Deployment (pbp_fast.deploy, pbp_fast.quantize, pbp_fast.export, pbp_fast.checkpoint):
+"""Deployment (pbp_fast.deploy: fold, onnx, quantize, report; pbp_fast.recipe.checkpoint):
 folding gives a plain model with the eval output of the trained one (units with 0, 1 and 3
 dendrites, cascades, BatchNorm, every layer kind, whole MobileNets); the ONNX export matches
 PyTorch in ONNX Runtime; float16 and int8 keep the accuracy of a small model trained on the
@@ -343,3 +343,10 @@ def test_export_command_errors(tmp_path):
         _export_cli([tmp_path / "best.pt", "--runs", 0])
     with pytest.raises(SystemExit, match="--threads must be"):
         _export_cli([tmp_path / "best.pt", "--threads", "one"])
+
+
+def test_missing_onnx_packages_say_how_to_install_them():
+    from pbp_fast.deploy.onnx import require
+    with pytest.raises(ImportError, match=r"quantization needs onnx and no_such_module_pbp: "
+                                          r"pip install 'pbp_fast\[deploy\]'"):
+        require("onnx", "no_such_module_pbp", purpose="quantization")

@@ -1,4 +1,4 @@
-"""Knowledge distillation (pbp_fast.distill): the Hinton loss and its gradient against a hand
+"""Knowledge distillation (pbp_fast.deploy.distill): the Hinton loss and its gradient against a hand
 computation, the teacher frozen in eval mode without gradients, loading it from a checkpoint
 with dendrites, use together with PB candidates, and the argument checks."""
 import argparse

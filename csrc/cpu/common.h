@@ -20,7 +20,7 @@ struct Geom {
   int64_t HW() const { return Ho * Wo; }
 };
 
-// NHWC when channels_last-contiguous and not also NCHW-contiguous (same rule as pbp_fast/ops.py).
+// NHWC when channels_last-contiguous and not also NCHW-contiguous (same rule as pbp_fast/ops/layout.py).
 inline bool is_channels_last(const at::Tensor& t) {
   return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
 }

@@ -140,7 +140,7 @@ def convert(model: nn.Module, include=None, exclude=None) -> dict[str, Dendritic
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if _kind(model) is not None:
         raise TypeError("model is itself a single layer; wrap it (e.g. nn.Sequential(layer)) or "
-                        "build the unit directly with pbp_fast.nn")
+                        "build the unit directly (pbp_fast.nn.DendriticConv2d / DendriticLinear)")
     inc, exc = _matcher(include, "include"), _matcher(exclude, "exclude")
     inside_units = set()
     for name, m in model.named_modules():

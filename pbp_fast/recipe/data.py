@@ -37,7 +37,7 @@ class BatchLoader:
     Randomness (order and augmentation) comes from a generator seeded with ``(seed, epoch)``, so
     an epoch is reproducible on its own: call :meth:`set_epoch` before iterating, as with a
     ``DistributedSampler``.  ``transform(x_uint8, generator) -> x_uint8`` is e.g. a
-    :class:`pbp_fast.augment.TrainTransform`."""
+    :class:`pbp_fast.recipe.augment.TrainTransform`."""
 
     def __init__(self, dataset: ImageDataset, batch_size: int, *, shuffle: bool = False,
                  drop_last: bool = False,

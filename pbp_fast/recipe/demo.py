@@ -3,7 +3,7 @@ network for the same number of epochs, side by side.
 
 By default the data are scikit-learn's 8x8 handwritten digits (shipped inside scikit-learn, so
 the demo runs offline), upsampled to 16x16, and the network is a deliberately narrow
-MobileNetV3-style net of 1,450 parameters (:func:`pbp_fast.models.mobilenet_tiny` at width
+MobileNetV3-style net of 1,450 parameters (:func:`pbp_fast.recipe.models.mobilenet_tiny` at width
 0.25): the small-model regime PB is meant for.  It takes a few minutes on one CPU core.
 ``--data`` switches to CIFAR-10 and MobileNetV3-Small (meant for a GPU).
 
