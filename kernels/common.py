@@ -171,7 +171,6 @@ def dendrite_pre(k, acc_d, x_ptr, dw_ptr, z_ptr, n, oh, ow, c, mp, mc, C_in, H, 
 
 
 # -- launcher helpers --------------------------------------------------------------------------
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BP = 64  # output pixels per program
 
 
