@@ -35,9 +35,10 @@ TORCH_LIBRARY(pbp_fast, m) {
   m.def("candidate_objective(Tensor mean, ScalarType dtype) -> (Tensor, Tensor)");
   // One batch's bookkeeping, in place: fold the batch's sums (4, Cout) over n positions into the
   // running means (cumulative for warmup_batches batches, then an EMA with momentum; skipped
-  // for an empty or non-finite batch), count and batches; best_score = score = sum |C| when
-  // that beats it by more than threshold after the warm-up.  Returns that decision (0-dim
-  // bool): the candidate's weights are to be snapshotted.
+  // for an empty or non-finite batch), count and batches; best_score = score = sum |C| (0-dim
+  // best_score) or |C_c| per channel ((Cout,) best_score) where that beats it by more than
+  // threshold after the warm-up.  Returns that decision (bool, best_score's shape): where the
+  // candidate's weights are to be snapshotted.
   m.def("candidate_update(Tensor(a!) mean, Tensor(b!) count, Tensor(c!) batches, "
         "Tensor(d!) best_score, Tensor sums, Tensor n, int warmup_batches, float momentum, "
         "float threshold) -> Tensor");

@@ -108,9 +108,11 @@ def _fold(mean_ptr, sums_ptr, r, c, mc, C, ok, w, n):
 
 @triton.jit
 def candidate_update_kernel(mean_ptr, count_ptr, batches_ptr, best_ptr, sums_ptr, n_ptr,
-                            better_ptr, C, warmup, momentum, threshold, BC: tl.constexpr):
+                            better_ptr, C, warmup, momentum, threshold, BC: tl.constexpr,
+                            PER_CHANNEL: tl.constexpr):
     """pbp_fast::candidate_update in one program: the batch's sums are read whole (to decide
-    whether the batch is finite) before any running mean changes."""
+    whether the batch is finite) before any running mean changes.  PER_CHANNEL: best_score and
+    the decision are (C,), one per channel; else 0-dim, for the sum over channels."""
     n = tl.load(n_ptr).to(tl.float64)
     count = tl.load(count_ptr)
     batches = tl.load(batches_ptr)
@@ -122,6 +124,9 @@ def candidate_update_kernel(mean_ptr, count_ptr, batches_ptr, best_ptr, sums_ptr
     ok = (bad == 0) & (n > 0)
     n = tl.where(ok, n, 1.0)  # (an empty batch changes nothing; no division by 0)
     w = tl.where(batches < warmup, n / (count + n), 1.0 - momentum)
+    count = tl.where(ok, count + n, count)  # n is the batch's where ok
+    batches = tl.where(ok, batches + 1, batches)
+    warm = batches >= warmup
     score = tl.zeros((BC,), dtype=tl.float64)
     for c0 in range(0, C, BC):
         c = c0 + tl.arange(0, BC)
@@ -130,16 +135,22 @@ def candidate_update_kernel(mean_ptr, count_ptr, batches_ptr, best_ptr, sums_ptr
         m_e = _fold(mean_ptr, sums_ptr, 1, c, mc, C, ok, w, n)
         m_ve = _fold(mean_ptr, sums_ptr, 2, c, mc, C, ok, w, n)
         m_ee = _fold(mean_ptr, sums_ptr, 3, c, mc, C, ok, w, n)
-        score += tl.where(mc, tl.abs(_corr(m_v, m_e, m_ve, m_ee)), 0.0)
-    count = tl.where(ok, count + n, count)  # n is the batch's where ok
-    batches = tl.where(ok, batches + 1, batches)
-    total = tl.sum(score, axis=0)
-    best = tl.load(best_ptr)
-    better = (batches >= warmup) & (total > best * (1.0 + threshold))
+        corr = tl.where(mc, tl.abs(_corr(m_v, m_e, m_ve, m_ee)), 0.0)
+        if PER_CHANNEL:
+            best_c = tl.load(best_ptr + c, mask=mc, other=0.0)
+            better_c = tl.where(warm, corr > best_c * (1.0 + threshold), False)
+            tl.store(best_ptr + c, tl.where(better_c, corr, best_c), mask=mc)
+            tl.store(better_ptr + c, better_c, mask=mc)
+        else:
+            score += corr
     tl.store(count_ptr, count)
     tl.store(batches_ptr, batches)
-    tl.store(best_ptr, tl.where(better, total, best))
-    tl.store(better_ptr, better)
+    if not PER_CHANNEL:
+        total = tl.sum(score, axis=0)
+        best = tl.load(best_ptr)
+        better = warm & (total > best * (1.0 + threshold))
+        tl.store(best_ptr, tl.where(better, total, best))
+        tl.store(better_ptr, better)
 
 
 @kernel_op("pbp_fast::triton_candidate_pass")
@@ -191,10 +202,10 @@ def candidate_update(mean: Tensor, count: Tensor, batches: Tensor, best_score: T
                      sums: Tensor, n: Tensor, warmup_batches: int, momentum: float,
                      threshold: float) -> Tensor:
     c = mean.shape[1]
-    better = torch.empty((), dtype=torch.bool, device=mean.device)
+    better = torch.empty(best_score.shape, dtype=torch.bool, device=mean.device)
     common.launch(candidate_update_kernel, (1,), mean, count, batches, best_score,
                   sums.contiguous(), n, better, c, warmup_batches, momentum, threshold,
-                  BC=min(1024, pow2(c)), num_warps=4)
+                  BC=min(1024, pow2(c)), PER_CHANNEL=best_score.dim() == 1, num_warps=4)
     return better
 
 

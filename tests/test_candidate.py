@@ -92,9 +92,10 @@ def test_opcheck_candidate_pass():
 STATE_BACKENDS = pbp_fast.backends()  # "triton" on the CPU interpreter without a GPU
 
 
-def _candidate_state(seed, c, batches):
+def _candidate_state(seed, c, batches, per_channel=False):
     """Running means of a plausible candidate (v in (0, 1), e ~ N(0, 1)) after ``batches``
-    batches, with its count and best score."""
+    batches, with its count and best score (per channel: some channels above their score, some
+    below)."""
     g = torch.Generator().manual_seed(seed)
     v, e = torch.rand(4, 50, c, generator=g, dtype=torch.float64), \
         torch.randn(4, 50, c, generator=g, dtype=torch.float64)
@@ -103,6 +104,8 @@ def _candidate_state(seed, c, batches):
     count = torch.tensor(200.0 * batches, dtype=torch.float64)
     best = torch.tensor(float(R.correlation(mean).abs().sum()) * (0.8 + 0.4 * (seed % 2)),
                         dtype=torch.float64)
+    if per_channel:
+        best = R.correlation(mean).abs() * (0.8 + 0.4 * (torch.arange(c) % 2))
     return mean, count, torch.tensor(float(batches), dtype=torch.float64), best
 
 
@@ -114,15 +117,17 @@ def _batch_sums(seed, c, n):
 
 
 @pytest.mark.parametrize("backend", STATE_BACKENDS)
+@pytest.mark.parametrize("per_channel", [False, True], ids=["unit", "channel"])
 @pytest.mark.parametrize("seed", range(8))
-def test_candidate_update_matches_reference(backend, seed):
+def test_candidate_update_matches_reference(backend, per_channel, seed):
     """The fused bookkeeping op against reference.candidate_update, in place: cumulative
     (batches < warmup) and EMA regimes, improving and not, a non-finite batch and an empty one
-    (state unchanged), channel counts beyond one Triton block."""
+    (state unchanged), channel counts beyond one Triton block; one score for the unit (0-dim
+    best_score) or one per channel."""
     c = (3, 40, 1500)[seed % 3]
     batches = (0, 9, 10, 30)[seed % 4]  # 9, 10: the last cumulative batch, the first EMA one
     sums, n = _batch_sums(seed, c, 64), 64
-    state = _candidate_state(seed, c, batches)
+    state = _candidate_state(seed, c, batches, per_channel)
     if seed == 5:
         sums[2, c // 2] = float("nan")
     if seed == 6:  # nothing seen yet, after the warm-up: a score of 0 is no improvement on 0
@@ -132,8 +137,10 @@ def test_candidate_update_matches_reference(backend, seed):
     got = [t.clone() for t in state]
     better = Fn.candidate_update(*got, sums, n, warmup_batches=10, momentum=0.99,
                                  threshold=0.1, backend=backend)
-    assert better.dtype == torch.bool and better.shape == ()
-    assert bool(better) == bool(better_ref)
+    assert better.dtype == torch.bool and better.shape == state[3].shape
+    assert torch.equal(better, better_ref)
+    if per_channel and seed not in (5, 6) and batches >= 9:  # some channels improve, not all
+        assert 0 < int(better.sum()) < c
     for name, a, b in zip(("mean", "count", "batches", "best_score"), got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
     if seed in (5, 6):  # the state is as it was
@@ -180,6 +187,8 @@ def test_candidate_state_errors_name_the_argument():
         Fn.candidate_update(mean, count, batches, best, sums[:, :3], 8)
     with pytest.raises(ValueError, match="n must be a number or a 0-dim tensor"):
         Fn.candidate_update(mean, count, batches, best, sums, torch.ones(2))
+    with pytest.raises(ValueError, match=r"best_score must be .* shape \(4,\)"):
+        Fn.candidate_update(mean, count, batches, best.expand(3).contiguous(), sums, 8)
     with pytest.raises(ValueError, match="mean must be a contiguous float64"):
         Fn.candidate_objective(mean.t().contiguous().t(), torch.float32)
     with pytest.raises(TypeError, match="dtype must be a floating-point dtype"):
@@ -193,5 +202,31 @@ def test_opcheck_candidate_state_ops():
     n = torch.tensor(16.0, dtype=torch.float64)
     torch.library.opcheck(torch.ops.pbp_fast.candidate_objective.default,
                           (mean, torch.float32))
-    torch.library.opcheck(torch.ops.pbp_fast.candidate_update.default,
-                          (mean, count, batches, best, sums, n, 10, 0.99, 0.1))
+    for best_score in (best, _candidate_state(1, 6, 12, per_channel=True)[3]):
+        torch.library.opcheck(torch.ops.pbp_fast.candidate_update.default,
+                              (mean, count, batches, best_score, sums, n, 10, 0.99, 0.1))
+
+
+@pytest.mark.parametrize("backend", STATE_BACKENDS)
+def test_per_channel_snapshots_take_only_the_improved_channels(backend):
+    """Candidate(per_channel=True): a channel's weight row, bias and cascade column are
+    snapshotted when its own |C_c| improves; the other channels keep their earlier snapshot."""
+    from pbp_fast.core.candidate import Candidate
+    c = 40
+    g = torch.Generator().manual_seed(0)
+    w, b, k = (torch.randn(*shape, generator=g) for shape in ((c, 3, 3, 3), (c,), (2, c)))
+    cand = Candidate(w.clone(), b.clone(), k.clone(), per_channel=True)
+    state = _candidate_state(4, c, 30, per_channel=True)
+    for buf, value in zip((cand.stats, cand.count, cand.batches, cand.best_score), state):
+        buf.copy_(value)
+    with torch.no_grad():
+        for p in cand.parameters():
+            p.add_(1.0)  # the current weights differ from the snapshot
+    cand.update(_batch_sums(4, c, 64), 64, warmup_batches=10, momentum=0.99, threshold=0.1,
+                backend=backend)
+    improved = cand.best_score != state[3]
+    assert 0 < int(improved.sum()) < c
+    assert torch.equal(cand.best_weight, torch.where(improved.view(-1, 1, 1, 1), w + 1, w))
+    assert torch.equal(cand.best_bias, torch.where(improved, b + 1, b))
+    assert torch.equal(cand.best_cascade, torch.where(improved, k + 1, k))
+    assert float(cand.score()) == pytest.approx(float(cand.best_score.sum()))

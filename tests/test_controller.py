@@ -21,12 +21,13 @@ def _model(seed=0):
 
 def _feed(pb, scores, candidate=None):
     """Feed validation scores; in the dendrite phase ``candidate(epoch_in_phase)`` gives the
-    best candidate score every unit reports."""
+    best candidate score every unit reports (spread over its channels' per-channel scores)."""
     out = []
     for s in scores:
         if pb.phase == "dendrite" and candidate is not None:
             for u in pb.units.values():
-                u.candidate.best_score.fill_(candidate(pb.phase_epoch + 1))
+                best = u.candidate.best_score
+                best.fill_(candidate(pb.phase_epoch + 1) / best.numel())
         out.append(pb.add_validation_score(s))
     return out
 
@@ -198,7 +199,8 @@ def test_train_old_alphas_and_max_dendrites_zero():
     ("switch_mode", "sometimes"), ("n_epochs", 0), ("p_epochs", True), ("maximize", 1),
     ("improvement_threshold", -0.1), ("improvement_threshold_abs", math.inf),
     ("stats_momentum", 1.0), ("snapshot_threshold", "0.1"), ("warmup_batches", -1),
-    ("train_old_alphas", None)])
+    ("train_old_alphas", None), ("control", "alpha0"), ("snapshot", "layer"),
+    ("candidate_scale", 0.0), ("candidate_scale", math.nan)])
 def test_config_is_validated(field, value):
     with pytest.raises(ValueError, match=field):
         PBConfig(**{field: value})
@@ -254,3 +256,65 @@ def test_state_dict_is_plain_and_round_trips(tmp_path):
     assert fresh_model[0].bn.momentum == 0.0
     a, b = _feed(pb, [0.5, 0.5]), _feed(fresh, [0.5, 0.5])
     assert a == b
+
+
+def test_restarts_control_runs_the_stages_without_dendrites():
+    """control="restarts": the same stages, restores and retries, with no dendrite phase and no
+    dendrite; a restart counts towards max_dendrites and is undone with a failed stage."""
+    model = _model()
+    pb = pbp.PerforatedBackprop(model, n_patience=1, max_dendrites=2, max_tries=1,
+                                control="restarts")
+    before = count = pbp.count_parameters(model).total
+    ds = _feed(pb, [0.5, 0.5,       # stage 0 ends: restart
+                    0.6, 0.6,       # beats 0.5: accepted, restart 2
+                    0.6, 0.55])     # stage 2 never beats 0.6: failed, stop
+    assert _events(ds) == [(2, "restart"), (4, "restart"), (6, "stop")]
+    assert all(d.restructured for d in ds if d.event)
+    assert [d.phase for d in ds] == ["neuron"] * 6 and pb.num_dendrites == 0
+    assert pb.restarts == 1 and pb.stages == 1  # the failed stage's restart was undone
+    count = pbp.count_parameters(model).total
+    assert count == before and not any(u.has_candidate for u in pb.units.values())
+    pb = pbp.PerforatedBackprop(_model(), n_patience=1, max_dendrites=1, control="restarts")
+    ds = _feed(pb, [0.5, 0.5, 0.6, 0.6])
+    assert _events(ds) == [(2, "restart"), (4, "stop")] and pb.stages == 1
+
+
+def test_untrained_control_adopts_fresh_candidates():
+    model = _model()
+    pb = pbp.PerforatedBackprop(model, n_patience=1, control="untrained", candidate_scale=0.5)
+    ds = _feed(pb, [0.5, 0.5])
+    assert ds[-1].event == "add_dendrites" and ds[-1].phase == "neuron"
+    assert pb.num_dendrites == 1 and not model[0].has_candidate
+    w = model[0].dendrite_weight[0]
+    assert 0.2 < float(w.std()) < 1.0  # drawn N(0, 1) x 0.5, not the layer's init
+    assert all(float(a.detach().abs().max()) == 0 for u in pb.units.values()
+               for a in u.dendrite_alpha)
+
+
+def test_candidate_settings_reach_the_units():
+    model = _model()
+    pb = pbp.PerforatedBackprop(model, n_patience=1)
+    _feed(pb, [0.5, 0.5])
+    cand = model[0].candidate
+    assert cand.per_channel and cand.best_score.shape == (4,)
+    assert float(cand.weight.abs().max()) < 0.1  # N(0, 1) x 0.01
+    assert model[0].warmup_batches == 100
+    pb = pbp.PerforatedBackprop(_model(), n_patience=1, snapshot="unit", candidate_scale=None)
+    _feed(pb, [0.5, 0.5])
+    cand = pb.model[0].candidate
+    assert not cand.per_channel and cand.best_score.shape == ()
+    assert float(cand.weight.abs().max()) > 0.1  # kaiming-uniform, bound 1/sqrt(3)
+
+
+def test_checkpoints_from_before_the_new_fields_resume_as_they_ran():
+    model = _model()
+    pb = pbp.PerforatedBackprop(model, n_patience=1)
+    state = pb.state_dict()
+    for k in ("snapshot", "candidate_scale", "control"):
+        del state["config"][k]
+    del state["restarts"], state["best_restarts"]
+    fresh = pbp.PerforatedBackprop(_model())
+    fresh.load_state_dict(state)
+    assert (fresh.config.snapshot, fresh.config.candidate_scale, fresh.config.control) == \
+        ("unit", None, "none")
+    assert fresh.restarts == 0

@@ -225,8 +225,11 @@ at::Tensor update_cpu(at::Tensor& mean, at::Tensor& count, at::Tensor& batches,
   check_state(mean, "mean", true);
   check_state(count, "count", false);
   check_state(batches, "batches", false);
-  check_state(best_score, "best_score", false);
   const int64_t C = mean.size(1);
+  const bool per_channel = best_score.dim() == 1;  // else 0-dim: one score for the unit
+  TORCH_CHECK(best_score.scalar_type() == at::kDouble && best_score.is_contiguous() &&
+                  (best_score.dim() == 0 || (per_channel && best_score.size(0) == C)),
+              "pbp_fast: best_score must be a contiguous float64 0-dim or (C,) tensor");
   TORCH_CHECK(sums_.dim() == 2 && sums_.size(0) == 4 && sums_.size(1) == C,
               "pbp_fast: sums must have the shape of mean");
   const auto sums = sums_.to(at::kDouble).contiguous();
@@ -244,11 +247,21 @@ at::Tensor update_cpu(at::Tensor& mean, at::Tensor& count, at::Tensor& batches,
     *cnt += n;
     *bt += 1;
   }
-  double score = 0;
-  for (int64_t c = 0; c < C; ++c) score += std::abs(correlation(m, C, c));
-  const bool better = *bt >= warmup && score > *best * (1.0 + threshold);
-  if (better) *best = score;
-  return at::scalar_tensor(better, mean.options().dtype(at::kBool));
+  auto better = at::zeros(best_score.sizes(), mean.options().dtype(at::kBool));
+  bool* bet = better.data_ptr<bool>();
+  const bool warm = *bt >= warmup;
+  auto decide = [&](double score, int64_t i) {
+    bet[i] = warm && score > best[i] * (1.0 + threshold);
+    if (bet[i]) best[i] = score;
+  };
+  if (per_channel) {
+    for (int64_t c = 0; c < C; ++c) decide(std::abs(correlation(m, C, c)), c);
+  } else {
+    double score = 0;
+    for (int64_t c = 0; c < C; ++c) score += std::abs(correlation(m, C, c));
+    decide(score, 0);
+  }
+  return better;
 }
 
 TORCH_LIBRARY_IMPL(pbp_fast, CPU, m) {

@@ -41,9 +41,12 @@ class Candidate(nn.Module):
     """Parameters ``weight`` (*W.shape), ``bias`` (Cout,), ``cascade`` (D, Cout) (its weights on
     the unit's D trained dendrites); float64 buffers ``stats`` (4, Cout) (running means of v, e,
     v e, e e), ``count`` and ``batches`` (positions and batches seen), the snapshot
-    ``best_weight``/``best_bias``/``best_cascade`` and its ``best_score``."""
+    ``best_weight``/``best_bias``/``best_cascade`` and its ``best_score``: 0-dim (one snapshot
+    of the whole candidate, scored by sum_c |C_c|), or with ``per_channel`` (Cout,) (each
+    output channel's weights snapshotted when its own |C_c| improves)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, cascade: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, cascade: torch.Tensor,
+                 per_channel: bool = False):
         super().__init__()
         c = weight.shape[0]
         self.weight = nn.Parameter(weight)
@@ -55,7 +58,24 @@ class Candidate(nn.Module):
         self.register_buffer("batches", torch.zeros((), **f64))
         for name in _WEIGHTS:
             self.register_buffer("best_" + name, getattr(self, name).detach().clone())
-        self.register_buffer("best_score", torch.zeros((), **f64))
+        self.register_buffer("best_score", torch.zeros((c,) if per_channel else (), **f64))
+
+    @property
+    def per_channel(self) -> bool:
+        return self.best_score.dim() == 1
+
+    def score(self) -> torch.Tensor:
+        """The best score of the candidate as a whole (0-dim): sum_c of the channels' best
+        |C_c| with per-channel snapshots."""
+        return self.best_score.sum()
+
+    @staticmethod
+    def _where(name, mask, a, b, out=None):
+        """``torch.where`` of the tensors ``name``; a per-channel ``mask`` (C,) selects the
+        weight's rows (Cout, ...), the bias (Cout,) and the cascade's columns (D, Cout)."""
+        if mask.dim() and name == "weight":
+            mask = mask.view(-1, *([1] * (a.dim() - 1)))
+        return torch.where(mask, a, b, out=out) if out is not None else torch.where(mask, a, b)
 
     def correlation(self) -> torch.Tensor:
         """C_c (per output channel) from the running statistics."""
@@ -64,7 +84,7 @@ class Candidate(nn.Module):
     def best(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(weight, bias, cascade) of the best snapshot, or the current ones if none was taken."""
         took = self.best_score > 0
-        return tuple(torch.where(took, getattr(self, "best_" + n), getattr(self, n)).detach()
+        return tuple(self._where(n, took, getattr(self, "best_" + n), getattr(self, n)).detach()
                      for n in _WEIGHTS)
 
     @torch.no_grad()
@@ -102,7 +122,7 @@ class Candidate(nn.Module):
                                       momentum=momentum, threshold=threshold, backend=backend)
         for name in _WEIGHTS:
             best = getattr(self, "best_" + name)
-            torch.where(better, getattr(self, name), best, out=best)
+            self._where(name, better, getattr(self, name), best, out=best)
 
     @torch.no_grad()
     def accumulate_grad(self, grads) -> None:
@@ -113,4 +133,5 @@ class Candidate(nn.Module):
                 _accumulate_grad(p, g)
 
     def extra_repr(self) -> str:
-        return f"out_channels={self.weight.shape[0]}, cascade={self.cascade.shape[0]}"
+        return (f"out_channels={self.weight.shape[0]}, cascade={self.cascade.shape[0]}, "
+                f"per_channel={self.per_channel}")

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 
 from pbp_fast.ops import reference
 
-__all__ = ["PBConfig"]
+__all__ = ["PBConfig", "CONTROLS", "SNAPSHOTS"]
+
+# control="restarts": every neuron stage of PB's protocol (plateau switches, best model restored,
+# optimizer and schedule restarted, retries), but no dendrite is ever added; "untrained": the
+# candidates are adopted as soon as they are made, without a dendrite phase.
+CONTROLS = ("none", "restarts", "untrained")
+SNAPSHOTS = ("channel", "unit")
 
 
 @dataclass(frozen=True)
@@ -23,12 +29,17 @@ class PBConfig:
     max_tries: int = 2                  # consecutive failed dendrite sets before stopping
     improvement_threshold: float = 1e-4  # relative margin (of |best|) that counts as better
     improvement_threshold_abs: float = 0.0  # absolute margin; the larger of the two is used
-    # candidate statistics: cumulative for warmup_batches batches, then an EMA with
-    # stats_momentum; a snapshot whenever the score beats the best by > snapshot_threshold
-    warmup_batches: int = reference.WARMUP_BATCHES
+    # candidate statistics: cumulative for warmup_batches batches (100 in the reference
+    # implementation), then an EMA with stats_momentum; a snapshot whenever the score beats the
+    # best by > snapshot_threshold, of each output channel on its own ("channel", the
+    # reference's) or of the unit as a whole ("unit": sum_c |C_c|)
+    warmup_batches: int = 100
     stats_momentum: float = reference.STATS_MOMENTUM
     snapshot_threshold: float = reference.SNAPSHOT_THRESHOLD
-    train_old_alphas: bool = False      # neuron phase: older dendrites' alpha keep training
+    snapshot: str = "channel"
+    candidate_scale: float | None = 0.01  # candidates drawn N(0, 1) x this; None: conv init
+    train_old_alphas: bool = True       # neuron phase: every alpha trains (else the newest)
+    control: str = "none"               # "restarts" / "untrained": controls (see CONTROLS)
 
     def __post_init__(self):
         def bad(name, want):
@@ -39,6 +50,14 @@ class PBConfig:
                 bad(name, "a bool")
         if self.switch_mode not in ("patience", "fixed"):
             bad("switch_mode", "'patience' or 'fixed'")
+        if self.control not in CONTROLS:
+            bad("control", f"one of {CONTROLS}")
+        if self.snapshot not in SNAPSHOTS:
+            bad("snapshot", f"one of {SNAPSHOTS}")
+        v = self.candidate_scale
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)
+                              or not 0 < v < math.inf):
+            bad("candidate_scale", "None or a finite number > 0")
         for name, low in (("n_patience", 1), ("p_patience", 1), ("max_dendrites", 0),
                           ("max_tries", 1), ("warmup_batches", 0)):
             v = getattr(self, name)

@@ -14,6 +14,10 @@ except one candidate per unit, trained by the correlation objective) and ``done`
                           (or after ``p_epochs``): every unit adopts its best candidate as a new
                           dendrite with alpha = 0.
 
+The controls of ``PBConfig.control`` change only what happens when a neuron stage ends:
+"restarts" goes straight into the next neuron stage (a restart counts as a dendrite set
+towards ``max_dendrites``), "untrained" adopts fresh candidates at once.
+
 Every transition returns ``Decision.restructured = True``: rebuild the optimizer (over
 ``pb.parameters()``) and the scheduler (and, under DDP, call ``pbp_fast.distributed.wrap`` again).
 """
@@ -45,6 +49,10 @@ def snapshot_state_dict(state_dict) -> OrderedDict:
     return out
 
 
+# What runs whose checkpoints predate these PBConfig fields did (they resume as they ran).
+_BEFORE_FIELDS = dict(snapshot="unit", candidate_scale=None, control="none")
+
+
 class State(str, enum.Enum):
     NEURON = "neuron"
     DENDRITE = "dendrite"
@@ -59,7 +67,8 @@ class Decision:
     done: bool            # training is over (the best model is in place)
     restored: bool        # the model was reset to the best snapshot
     improved: bool        # this score is a new best
-    event: str            # "", "start_dendrite_phase", "add_dendrites", "retry" or "stop"
+    event: str            # "", "start_dendrite_phase", "add_dendrites", "retry", "restart"
+                          # (control="restarts") or "stop"
     num_dendrites: int    # dendrites per unit now
     epoch: int            # epochs seen so far
 
@@ -102,6 +111,8 @@ class PerforatedBackprop:
         self.best_score = None
         self.best_model = None    # state_dict (CPU) of the model at best_score
         self.tries = 0            # consecutive failed dendrite sets
+        self.restarts = 0         # control="restarts": the stages that stand in for dendrite sets
+        self.best_restarts = 0    # ... in the best model
         self.candidate_scores = [0.0] * len(self.units)
         self.bn_momentum = {}     # BatchNorm momenta, held at 0 during the dendrite phase
         self.history = History()
@@ -115,6 +126,11 @@ class PerforatedBackprop:
     @property
     def num_dendrites(self) -> int:
         return max(u.num_dendrites for u in self.units.values())
+
+    @property
+    def stages(self) -> int:
+        """Dendrite sets in place (restarts standing in for them under control="restarts")."""
+        return self.num_dendrites + self.restarts
 
     def parameters(self) -> list[nn.Parameter]:
         """The parameters to optimise in the current phase (requires_grad ones)."""
@@ -146,8 +162,9 @@ class PerforatedBackprop:
             if improved:
                 self.best_score, self.stage_beat_best = score, True
                 self.best_model = snapshot_state_dict(self.model.state_dict())
+                self.best_restarts = self.restarts
         else:
-            scores = [float(u.candidate.best_score) for u in self.units.values()]
+            scores = [float(u.candidate.score()) for u in self.units.values()]
             self._count(any(s > old for s, old in zip(scores, self.candidate_scores)))
             self.candidate_scores = scores
             cand_score = sum(scores)
@@ -174,7 +191,7 @@ class PerforatedBackprop:
                      if u.candidate_sync is not None), None)
         if sync is None:
             return
-        values = [score] + [float(u.candidate.best_score) for u in self.units.values()
+        values = [score] + [float(u.candidate.score()) for u in self.units.values()
                             if u.has_candidate]
         check_agree(values, "the score given to add_validation_score (all-reduce the validation "
                     "metrics first, e.g. with pbp_fast.distributed.all_reduce_sum) or the "
@@ -198,21 +215,30 @@ class PerforatedBackprop:
     def _end_neuron_stage(self):
         accepted = self.stage_beat_best
         self.model.load_state_dict(self.best_model)
+        self.restarts = self.best_restarts
         self.tries = 0 if accepted else self.tries + 1
         if not accepted and self.tries >= self.config.max_tries:
             return self._enter(State.DONE, "stop"), True
-        if accepted and self.num_dendrites >= self.config.max_dendrites:
+        if accepted and self.stages >= self.config.max_dendrites:
             return self._enter(State.DONE, "stop"), True
+        if self.config.control == "restarts":
+            self.restarts += 1
+            return self._new_stage("restart"), True
         for u in self.units.values():
             u.start_candidate()
+        if self.config.control == "untrained":
+            return self._end_dendrite_phase(), True
         self.candidate_scores = [0.0] * len(self.units)
         return self._enter(State.DENDRITE, "start_dendrite_phase" if accepted else "retry"), True
 
     def _end_dendrite_phase(self):
         for u in self.units.values():
             u.adopt_candidate()
+        return self._new_stage("add_dendrites")
+
+    def _new_stage(self, event):
         self.stage_best, self.stage_beat_best = None, False
-        return self._enter(State.NEURON, "add_dendrites")
+        return self._enter(State.NEURON, event)
 
     def _enter(self, state, event):
         self.state, self.phase_epoch, self.stall = state, 0, 0
@@ -229,6 +255,8 @@ class PerforatedBackprop:
         for u in self.units.values():
             u.warmup_batches, u.stats_momentum = cfg.warmup_batches, cfg.stats_momentum
             u.snapshot_threshold = cfg.snapshot_threshold
+            u.per_channel_snapshots = cfg.snapshot == "channel"
+            u.candidate_scale = cfg.candidate_scale
             alphas = list(u.dendrite_alpha)
             for i, a in enumerate(alphas):
                 a.requires_grad_(not dendrite and (i == len(alphas) - 1 or cfg.train_old_alphas))
@@ -265,6 +293,7 @@ class PerforatedBackprop:
                     epoch=self.epoch, phase_epoch=self.phase_epoch, stall=self.stall,
                     stage_best=self.stage_best, stage_beat_best=self.stage_beat_best,
                     best_score=self.best_score, best_model=self.best_model, tries=self.tries,
+                    restarts=self.restarts, best_restarts=self.best_restarts,
                     candidate_scores=list(self.candidate_scores),
                     trainable=list(self._trainable), bn_momentum=dict(self.bn_momentum),
                     history=[dict(r) for r in self.history.rows])
@@ -278,11 +307,13 @@ class PerforatedBackprop:
         if len(state["candidate_scores"]) != len(self.units):
             raise ValueError(f"the checkpoint has {len(state['candidate_scores'])} units, the "
                              f"model has {len(self.units)}")
-        self.config = PBConfig(**state["config"])
+        self.config = PBConfig(**{**_BEFORE_FIELDS, **state["config"]})
         self.state = State(state["state"])
         for k in ("epoch", "phase_epoch", "stall", "stage_best", "stage_beat_best", "best_score",
                   "best_model", "tries"):
             setattr(self, k, state[k])
+        self.restarts = state.get("restarts", 0)
+        self.best_restarts = state.get("best_restarts", 0)
         self.candidate_scores = list(state["candidate_scores"])
         self._trainable = list(state["trainable"])
         self.history = History(state["history"])

@@ -59,13 +59,15 @@ class DendriticUnit(nn.Module):
     ``candidate``, a :class:`~pbp_fast.core.candidate.Candidate` (None otherwise).
     ``load_state_dict`` resizes all of them to the checkpoint's D and candidate state.
 
-    The candidate's statistics settings are attributes that :class:`PerforatedBackprop` sets from
-    its :class:`PBConfig` (defaults: the same).
+    The candidate's settings are attributes that :class:`PerforatedBackprop` sets from its
+    :class:`PBConfig` (its fields of the same names say what they mean).
     """
 
     warmup_batches: int = reference.WARMUP_BATCHES
     stats_momentum: float = reference.STATS_MOMENTUM
     snapshot_threshold: float = reference.SNAPSHOT_THRESHOLD
+    per_channel_snapshots: bool = False
+    candidate_scale: float | None = None  # None: initialised like the main conv
 
     def __init__(self, main: tuple[str, nn.Module], bn: nn.Module | None, conv_kw: dict):
         super().__init__()
@@ -152,15 +154,23 @@ class DendriticUnit(nn.Module):
                             [a.detach() for a in self.dendrite_alpha] + [torch.zeros(c, **like)])
 
     # -- candidate -----------------------------------------------------------------------------
-    def _set_candidate(self, weight, bias, cascade):
+    def _set_candidate(self, weight, bias, cascade, per_channel):
         like = self._like()
-        self.candidate = Candidate(weight.to(**like), bias.to(**like), cascade.to(**like))
+        self.candidate = Candidate(weight.to(**like), bias.to(**like), cascade.to(**like),
+                                   per_channel)
 
     def start_candidate(self) -> None:
-        """Create a fresh candidate (initialised like the main conv, cascade 0) with zeroed
-        running statistics."""
-        w, b = _conv_init(self._weight_shape)
-        self._set_candidate(w, b, torch.zeros(self.num_dendrites, self.out_channels))
+        """Create a fresh candidate with zeroed running statistics: weight and bias drawn as
+        N(0, 1) x ``candidate_scale`` (as the reference implementation does), or like the main
+        conv when that is None; the cascade 0.  Drawn in float32 on the CPU from the global
+        generator, so that it does not depend on the device."""
+        if self.candidate_scale is None:
+            w, b = _conv_init(self._weight_shape)
+        else:
+            w = torch.randn(self._weight_shape) * self.candidate_scale
+            b = torch.randn(self.out_channels) * self.candidate_scale
+        self._set_candidate(w, b, torch.zeros(self.num_dendrites, self.out_channels),
+                            self.per_channel_snapshots)
 
     def drop_candidate(self) -> None:
         self.candidate = None
@@ -313,9 +323,12 @@ class DendriticUnit(nn.Module):
                                 torch.zeros(d, c, **like), torch.zeros(d, d, c, **like),
                                 [torch.zeros(c, **like) for _ in range(d)])
         has = prefix + "candidate.weight" in state_dict
-        if has and not self.has_candidate:  # placeholders (no random draws), filled below
+        best = state_dict.get(prefix + "candidate.best_score")
+        per_channel = has and best is not None and best.dim() == 1
+        if has and (not self.has_candidate or self.candidate.per_channel != per_channel):
+            # placeholders (no random draws), filled below
             self._set_candidate(torch.zeros(self._weight_shape), torch.zeros(self.out_channels),
-                                torch.zeros(self.num_dendrites, self.out_channels))
+                                torch.zeros(self.num_dendrites, self.out_channels), per_channel)
         elif not has and self.has_candidate:
             self.drop_candidate()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,

@@ -78,12 +78,14 @@ def candidate_update(mean, count, batches, best_score, sums, n, *,
     """One batch's bookkeeping of a candidate, in place (``reference.candidate_update``): fold
     the batch's ``sums`` (4, Cout) over ``n`` positions (a number or a 0-dim tensor) into the
     running means ``mean`` (4, Cout), ``count`` and ``batches``, and raise ``best_score`` to the
-    score when it beats it.  All state tensors are float64 (``count``, ``batches`` and
-    ``best_score`` 0-dim).  Returns that decision as a 0-dim bool tensor (snapshot the
-    candidate's weights where it holds).  No host synchronisation."""
+    score when it beats it.  All state tensors are float64 (``count`` and ``batches`` 0-dim).
+    ``best_score`` 0-dim scores the unit (sum_c |C_c|), (Cout,) each channel (|C_c|).  Returns
+    that decision as a bool tensor of ``best_score``'s shape (snapshot the candidate's weights
+    where it holds).  No host synchronisation."""
     checks.state(mean, "mean", (4, None))
-    for name, t in (("count", count), ("batches", batches), ("best_score", best_score)):
+    for name, t in (("count", count), ("batches", batches)):
         checks.state(t, name, ())
+    checks.state(best_score, "best_score", () if best_score.dim() == 0 else (mean.shape[1],))
     checks.tensor(sums, "sums", 2)
     checks.shape(sums, "sums", tuple(mean.shape))
     if not isinstance(n, torch.Tensor):
@@ -121,7 +123,7 @@ def _fake_objective(mean, dtype):
 
 
 def _fake_update(mean, count, batches, best_score, sums, n, warmup_batches, momentum, threshold):
-    return mean.new_empty((), dtype=torch.bool)
+    return best_score.new_empty(best_score.shape, dtype=torch.bool)
 
 
 def register(prefix: str) -> None:

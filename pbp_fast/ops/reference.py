@@ -129,13 +129,18 @@ def candidate_update(mean, count, batches, best_score, sums, n, warmup_batches=W
                      momentum=STATS_MOMENTUM, threshold=SNAPSHOT_THRESHOLD):
     """One batch's bookkeeping of a candidate: fold its sums (4, C) over ``n`` positions into
     the running means (:func:`update_running_stats`) unless the batch is empty or not finite
-    (e.g. an overflowing mixed-precision step: the state stays as it was), then score
-    sum_c |C_c| and whether it beats ``best_score`` by more than ``threshold`` (relative) after
-    the warm-up batches.  Returns the new ``(mean, count, batches, best_score, better)``."""
+    (e.g. an overflowing mixed-precision step: the state stays as it was), then score it and
+    decide whether the score beats ``best_score`` by more than ``threshold`` (relative) after
+    the warm-up batches.  A 0-dim ``best_score`` scores the unit, sum_c |C_c|; a (C,) one
+    scores each channel, |C_c|, and decides per channel (a channel's output depends only on its
+    own weights, so each channel's snapshot can be taken on its own).  Returns the new
+    ``(mean, count, batches, best_score, better)``, ``better`` of ``best_score``'s shape."""
     new = update_running_stats(mean, count, batches, sums, n, warmup_batches, momentum)
     ok = torch.isfinite(sums).all() & (n > 0)
     mean, count, batches = (torch.where(ok, v, old) for v, old in
                             zip(new, (mean, count, batches)))
-    score = correlation(mean).abs().sum()
+    score = correlation(mean).abs()
+    if best_score.dim() == 0:
+        score = score.sum()
     better = (batches >= warmup_batches) & (score > best_score * (1.0 + threshold))
     return mean, count, batches, torch.where(better, score, best_score), better

@@ -20,7 +20,8 @@ SCHEDULES = ("cosine", "constant")
 DATA_ENV = "PBP_FAST_DATA"
 # The controller's fields a run sets, as pb_<field>; their defaults are PBConfig's.
 PB_FIELDS = ("switch_mode", "n_patience", "p_patience", "n_epochs", "p_epochs", "max_dendrites",
-             "max_tries", "improvement_threshold")
+             "max_tries", "improvement_threshold", "warmup_batches", "snapshot",
+             "candidate_scale", "train_old_alphas", "control")
 _PB = PBConfig()
 
 
@@ -40,6 +41,7 @@ class TrainConfig:
     data: str = field(default_factory=_default_data)   # CIFAR-10 path, or "digits"
     val_size: int = 5000          # CIFAR-10: images carved out of the training set (seeded)
     image_size: int = 16          # digits only: upsampled size
+    resize: int | None = None     # CIFAR-10: area-downsample the images to this size
     cache_dir: str | None = None  # decoded-JPEG cache (default: ~/.cache/pbp_fast)
     # optimisation
     epochs: int = 100
@@ -77,7 +79,13 @@ class TrainConfig:
     pb_max_dendrites: int = _PB.max_dendrites
     pb_max_tries: int = _PB.max_tries
     pb_improvement_threshold: float = _PB.improvement_threshold
-    pb_schedule: str = "global"     # neuron phases: one schedule over the run, or "phase"
+    pb_warmup_batches: int = _PB.warmup_batches
+    pb_snapshot: str = _PB.snapshot
+    pb_candidate_scale: float | None = _PB.candidate_scale
+    pb_train_old_alphas: bool = _PB.train_old_alphas
+    pb_control: str = _PB.control
+    pb_schedule: str = "phase"      # each phase restarts the schedule (warmup included), or
+                                    # "global": neuron phases follow one schedule over the run
     pb_opt: str = "adamw"           # optimizer of dendrite phases (the candidates)
     pb_lr: float | None = None      # its peak learning rate (None: PB_LR[pb_opt], or lr)
     # knowledge distillation (pbp_fast.deploy.distill)
@@ -121,6 +129,8 @@ class TrainConfig:
                           ("seed", 0)):
             if not is_int(getattr(self, name)) or getattr(self, name) < low:
                 bad(name, f"an int >= {low}")
+        if self.resize is not None and (not is_int(self.resize) or self.resize < 8):
+            bad("resize", "None or an int >= 8")
         if self.ra_magnitude > 30:
             bad("ra_magnitude", "an int in [0, 30]")
         try:  # the controller's own checks, named as the run's fields

@@ -51,6 +51,20 @@ class ImageDataset(torch.utils.data.Dataset):
                              f"{len(mean)} and {len(std)}")
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
+    def resized(self, size: int) -> "ImageDataset":
+        """The images area-averaged down (or bilinearly up) to ``size`` x ``size``, rounded back
+        to uint8; labels, classes and normalisation unchanged."""
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        if tuple(self.images.shape[2:]) == (size, size):
+            return self
+        x = self.images.float()
+        down = size <= min(self.images.shape[2:])
+        x = torch.nn.functional.interpolate(x, size=(size, size),
+                                            mode="area" if down else "bilinear")
+        images = x.round_().clamp_(0, 255).to(torch.uint8)
+        return ImageDataset(images, self.labels, self.classes, self.mean, self.std)
+
     def __len__(self) -> int:
         return self.images.shape[0]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from pbp_fast.core.config import CONTROLS, SNAPSHOTS
 from pbp_fast.deploy.distill import add_distill_args
 from pbp_fast.recipe import augment as aug
 from pbp_fast.recipe import models
@@ -31,6 +32,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add(g, "--model", "model", "network", choices=sorted(models.MODELS))
     add(g, "--width-mult", "width_mult", "channel width multiplier", type=float)
     add(g, "--dropout", "dropout", "dropout before the classifier", type=float)
+    add(g, "--resize", "resize", "CIFAR-10: area-downsample the images to this size",
+        type=_int_or_none)
     add(g, ("--data", "--data-path"), "data",
         f"CIFAR-10 as a packed-JPEG .npz, a folder holding the train/test pair, or a "
         f"cifar-10-batches-py folder (downloaded there if missing); or 'digits' for "
@@ -95,6 +98,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         type=int)
     add(g, "--pb-improvement-threshold", "pb_improvement_threshold", "relative margin that "
         "counts as a better validation score", type=float)
+    add(g, "--pb-warmup-batches", "pb_warmup_batches", "batches whose candidate statistics "
+        "are averaged before any snapshot", type=int)
+    add(g, "--pb-snapshot", "pb_snapshot", "keep each candidate channel's best weights "
+        "(channel) or the best candidate as a whole (unit)", choices=SNAPSHOTS)
+    add(g, "--pb-candidate-scale", "pb_candidate_scale", "candidates start as N(0, 1) x this "
+        "('none': the layer's default initialisation)", type=_float_or_none)
+    add(g, "--pb-train-old-alphas", "pb_train_old_alphas", "neuron phases train every "
+        "dendrite's alpha (--no-pb-train-old-alphas: only the newest)",
+        action=argparse.BooleanOptionalAction)
+    add(g, "--pb-control", "pb_control", "a control run: restarts (PB's stages, no dendrites) "
+        "or untrained (candidates adopted without a dendrite phase)", choices=CONTROLS)
     add(g, "--pb-schedule", "pb_schedule", "neuron phases follow one learning-rate schedule "
         "over --epochs, as without dendrites (global), or restart it over each phase's length "
         "(phase); dendrite phases always have their own", choices=("global", "phase"))
@@ -117,6 +131,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _int_or_none(text: str):
     return None if text.lower() == "none" else int(text)
+
+
+def _float_or_none(text: str):
+    return None if text.lower() == "none" else float(text)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

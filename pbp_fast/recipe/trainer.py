@@ -66,6 +66,8 @@ def load_data(cfg: TrainConfig) -> data_mod.DataSplits:
         return data_mod.digits(size=cfg.image_size, seed=cfg.seed)
     full = data_mod.cifar10(cfg.data, train=True, cache_dir=cfg.cache_dir)
     test = data_mod.cifar10(cfg.data, train=False, cache_dir=cfg.cache_dir)
+    if cfg.resize is not None:
+        full, test = full.resized(cfg.resize), test.resized(cfg.resize)
     if cfg.val_size >= len(full):
         raise ValueError(f"val_size ({cfg.val_size}) must be smaller than the training set "
                          f"({len(full)} images)")
