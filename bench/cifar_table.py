@@ -221,14 +221,18 @@ def _locked(path: Path):
         yield
 
 
-def save_record(path: Path, rec: dict) -> None:
-    key = (rec["row"], rec["seed"], rec["smoke"])
+def save_record(path: Path, rec: dict, key=("row", "seed", "smoke"), order=None) -> None:
+    """Put ``rec`` into the results file ``path``, replacing the record with the same ``key``
+    fields; records sorted by ``order`` (a function of a record; default: the rows' order)."""
+    if order is None:
+        rows = list(ROWS)
+        order = lambda r: (r["smoke"], rows.index(r["row"]) if r["row"] in rows  # noqa: E731
+                           else len(rows), r["seed"])
     with _locked(path):
-        records = [r for r in load_records(path) if (r["row"], r["seed"], r["smoke"]) != key]
+        records = [r for r in load_records(path)
+                   if tuple(r.get(k) for k in key) != tuple(rec[k] for k in key)]
         records.append(rec)
-        order = list(ROWS)
-        records.sort(key=lambda r: (r["smoke"], order.index(r["row"]) if r["row"] in order else
-                                    len(order), r["seed"]))
+        records.sort(key=order)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"records": records}, indent=1) + "\n")
         os.replace(tmp, path)
@@ -255,44 +259,51 @@ def gpus() -> list[str]:
 
 def run_jobs(runs: list[tuple[Row, int]], jobs: int, argv: list[str], out: Path,
              log=print) -> int:
-    """Run each (row, seed) in a process of its own, ``jobs`` at a time, and return how many
-    failed.  A child is this script with ``--row ROW --seeds SEED`` and the shared ``argv``; its
-    output goes to ``<out>/<row>/seed<k>.log``.  Each child gets cpu_count // jobs threads
-    (unless OMP_NUM_THREADS is set) and, with several GPUs (:func:`gpus`), the one running the
-    fewest children.  The longest runs (PB, wider) start first."""
+    """Run each (row, seed) in a process of its own, ``jobs`` at a time (:func:`run_processes`),
+    and return how many failed.  A child is this script with ``--row ROW --seeds SEED`` and the
+    shared ``argv``; its output goes to ``<out>/<row>/seed<k>.log``.  The longest runs (PB,
+    wider) start first."""
+    queue = sorted(runs, key=lambda rs: (not rs[0].dendrites, -rs[0].width))
+    specs = [(f"{row.name} seed {seed}",
+              [sys.executable, str(Path(__file__).resolve()), "--row", row.name, "--seeds",
+               str(seed), *argv, "--concurrent", str(min(jobs, len(runs)))],
+              out / row.name / f"seed{seed}.log") for row, seed in queue]
+    return run_processes(specs, jobs, log)
+
+
+def run_processes(specs: list[tuple[str, list[str], Path]], jobs: int, log=print) -> int:
+    """Run each ``(label, command, log file)`` in a process of its own, ``jobs`` at a time, in
+    order, and return how many failed.  Each child gets cpu_count // jobs threads (unless
+    OMP_NUM_THREADS is set) and, with several GPUs (:func:`gpus`), the one running the fewest
+    children.  A child's lines starting with "   test " are its result."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     devices = gpus()
-    queue = sorted(runs, key=lambda rs: (not rs[0].dendrites, -rs[0].width))
+    queue = list(specs)
     running, failed = {}, []
     while queue or running:
         while queue and len(running) < jobs:
-            row, seed = queue.pop(0)
-            logfile = out / row.name / f"seed{seed}.log"
+            label, cmd, logfile = queue.pop(0)
             logfile.parent.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--row", row.name,
-                   "--seeds", str(seed), *argv, "--concurrent", str(min(jobs, len(runs)))]
             gpu, where = None, ""
             if len(devices) > 1:
-                gpu = min(devices, key=lambda d: sum(r[3] == d for r in running.values()))
+                gpu = min(devices, key=lambda d: sum(r[2] == d for r in running.values()))
                 env["CUDA_VISIBLE_DEVICES"], where = gpu, f" on GPU {gpu}"
             with open(logfile, "w") as f:
                 proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-            running[proc] = (row.name, seed, logfile, gpu)
-            log(f"== started {row.name} seed {seed}{where} (log {logfile})")
+            running[proc] = (label, logfile, gpu)
+            log(f"== started {label}{where} (log {logfile})")
         proc = _wait_any(running)
-        name, seed, logfile, _ = running.pop(proc)
+        label, logfile, _ = running.pop(proc)
         if proc.returncode:
-            failed.append((name, seed))
+            failed.append(label)
             tail = logfile.read_text().splitlines()[-15:]
-            log(f"!! {name} seed {seed} failed (exit {proc.returncode}):\n   " +
-                "\n   ".join(tail))
+            log(f"!! {label} failed (exit {proc.returncode}):\n   " + "\n   ".join(tail))
         else:
             last = [ln for ln in logfile.read_text().splitlines() if ln.startswith("   test ")]
-            log(f"== finished {name} seed {seed}:{last[-1][2:] if last else ''}")
+            log(f"== finished {label}:{last[-1][2:] if last else ''}")
     if failed:
-        log(f"{len(failed)} of {len(runs)} runs failed: " +
-            ", ".join(f"{n} seed {s}" for n, s in failed))
+        log(f"{len(failed)} of {len(specs)} runs failed: " + ", ".join(failed))
     return len(failed)
 
 

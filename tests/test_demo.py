@@ -1,4 +1,4 @@
-"""``pbp-fast demo`` in its quick mode (seconds): both runs, the table, the figure."""
+"""``pbp-fast demo`` in its quick mode (seconds): every arm, the table, the figure."""
 import json
 
 import pytest
@@ -14,27 +14,31 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--out", str(out), "--device", "cpu"]) == 0
     text = capsys.readouterr().out
-    for word in ("baseline", "PB", "params", "val acc %", "test acc %", "time s"):
+    for word in ("baseline-ES", "PB", "restarts", "params", "val acc %", "test acc %", "time s",
+                 "PB vs baseline-ES:", "PB vs restarts:"):
         assert word in text
     assert (out / "demo.png").stat().st_size > 0
-    assert (out / "pb" / "pb_history.png").exists()
+    assert (out / "PB" / "pb_history.png").exists()
     summary = json.loads((out / "demo.json").read_text())
-    base, pb = summary["rows"]
-    assert base["epochs"] == pb["epochs"] == demo.RECIPES["digits-quick"].epochs
-    assert base["num_dendrites"] == 0 and base["dendrites"] is False
-    assert pb["dendrites"] is True and pb["params"] >= base["params"]
+    rows = {r["name"]: r for r in summary["rows"]}
+    assert list(rows) == list(demo.ARMS)
+    assert rows["baseline-ES"]["num_dendrites"] == rows["restarts"]["num_dendrites"] == 0
+    assert rows["PB"]["params"] >= rows["baseline-ES"]["params"] == rows["restarts"]["params"]
+    assert rows["baseline-ES"]["epochs"] <= min(rows["PB"]["epochs"], rows["restarts"]["epochs"])
 
 
-def test_recipes_give_both_runs_the_same_budget():
+def test_the_arms_differ_only_in_their_pb_flags():
     for name, recipe in demo.RECIPES.items():
-        base, pb = demo.demo_configs(None if name.startswith("digits") else "x.npz",
-                                     quick=name.endswith("quick"))
-        assert base.epochs == pb.epochs == recipe.epochs
-        assert not base.dendrites and pb.dendrites and pb.pb_switch_mode == "fixed"
-        assert {k: v for k, v in vars(base).items() if not k.startswith(("pb_", "dendrites",
-                                                                          "output_dir"))} == \
-            {k: v for k, v in vars(pb).items() if not k.startswith(("pb_", "dendrites",
-                                                                    "output_dir"))}
+        configs = demo.demo_configs(None if name.startswith("digits") else "x.npz",
+                                    quick=name.endswith("quick"))
+        assert list(configs) == list(demo.ARMS)
+        pb = vars(configs["PB"])
+        assert pb["epochs"] == recipe.epochs and pb["pb_switch_mode"] == "patience"
+        assert pb["pb_schedule"] == "phase" and pb["dendrites"]
+        for arm, changes in demo.ARMS.items():
+            differ = {k for k, v in vars(configs[arm]).items() if v != pb[k]}
+            assert differ == set(changes) | ({"output_dir"} if arm != "PB" else set())
+            assert all(getattr(configs[arm], k) == v for k, v in changes.items())
 
 
 def test_demo_reports_missing_cifar(tmp_path):

@@ -42,19 +42,26 @@ def run(args: argparse.Namespace) -> int:
         summary = run_demo(args.data, args.out, args.quick, args.seed, args.device)
     except (ValueError, FileNotFoundError) as exc:
         sys.exit(f"pbp-fast demo: error: {exc}")
-    base, pb = summary["rows"]
-    cfg = demo_configs(args.data, quick=args.quick)[0]
+    rows = {r["name"]: r for r in summary["rows"]}
+    cfg = demo_configs(args.data, quick=args.quick)["PB"]
     size = cfg.image_size
     data = (f"CIFAR-10 ({args.data})" if args.data is not None else
             f"digits (8x8, upsampled to {size}x{size})" if size != 8 else "digits (8x8)")
-    print(f"\n{cfg.model} x{cfg.width_mult:g} on {data}, {base['epochs']} epochs each, "
-          f"{torch.get_num_threads()} CPU thread(s)\n")
+    print(f"\n{cfg.model} x{cfg.width_mult:g} on {data}, every run to its plateau (at most "
+          f"{cfg.epochs} epochs), {torch.get_num_threads()} CPU thread(s)\n")
     print(summary["table"])
-    gain = pb["test_acc"] - base["test_acc"]
-    extra = pb["params"] - base["params"]
-    print(f"\nPB: {gain:+.2f} points of test accuracy with {extra:+,} parameters "
-          f"({pb['num_dendrites']} dendrites per unit); total {summary['seconds']:.0f} s")
+    pb = rows["PB"]
+    print()
+    for control in ("baseline-ES", "restarts"):
+        c = rows[control]
+        err, err_c = 100 - pb["test_acc"], 100 - c["test_acc"]
+        rel = f", {(err - err_c) / err_c:+.0%} test error" if err_c > 0 else ""
+        print(f"PB vs {control}: {pb['test_acc'] - c['test_acc']:+.2f} points of test accuracy"
+              f"{rel}, {pb['params'] - c['params']:+,} parameters, "
+              f"{pb['epochs'] - c['epochs']:+d} epochs")
+    print(f"One seed: differences of this size between seeds are common; bench/pb_controls.py "
+          f"runs several. Total {summary['seconds']:.0f} s")
     if summary["figure"]:
-        record = Path(args.out) / "pb" / "pb_history.png"
+        record = Path(args.out) / "PB" / "pb_history.png"
         print(f"figure: {summary['figure']} (the controller's record: {record})")
     return 0

@@ -1,0 +1,299 @@
+"""PB against its controls on CIFAR-10, in one command: what the dendrites add, separated from
+what PB's extra training adds.
+
+    python bench/pb_controls.py --setup cpu16 --seeds 0 1 2 --jobs 2   # every arm, 2 at a time
+    python bench/pb_controls.py --setup cpu16 --arm pb --seeds 0        # one arm, one seed
+    python bench/pb_controls.py --setup gpu32 --seeds 0 1 2 --jobs 4    # MobileNetV3-Small w1.0
+    python bench/pb_controls.py --list                                  # setups, arms, commands
+    python bench/pb_controls.py --report        # the table into README.md, figures into docs/
+
+Every arm of a setup has the same data, seed, recipe and device; only the PB flags differ:
+
+    baseline-es  no dendrite: trained until validation stops improving (PB's first stage alone,
+                 the reference implementation's baseline)
+    pb           PB with the reference protocol to its end (plateau switches, the best model
+                 restored and the schedule restarted for every stage, retries)
+    restarts     PB's stages, restores and schedule restarts, but no dendrite is ever added
+    untrained    the candidates adopted as they were drawn, without a dendrite phase
+    matched      a wider network with the PB run's final parameter count (same seed), trained
+                 as baseline-es (run after pb)
+
+Each run trains in a folder of its own (``<out>/<setup>/<arm>/seed<k>``) and is resumed from its
+``last.pt`` when started again; each finished run puts its record (test accuracy of the model
+chosen on validation, the test split evaluated once, epochs, parameters with dendrites counted,
+time and the validation curve) into ``bench/results/pb_controls.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from cifar_table import (default_data, device_name, load_records, prepare_data, run_processes,
+                         save_record)
+
+from pbp_fast import cli
+from pbp_fast.recipe.flags import config_from_args
+from pbp_fast.recipe.models import create_model
+from pbp_fast.recipe.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "pb_controls.json"
+README = ROOT / "README.md"
+DOC = ROOT / "docs" / "pb_controls.md"
+FIGURES = ROOT / "docs" / "figures"
+BEGIN, END = "<!-- pb-controls:begin -->", "<!-- pb-controls:end -->"
+SCRIPT = "python bench/pb_controls.py"
+
+
+@dataclass(frozen=True)
+class Setup:
+    model: str
+    width: float
+    train: tuple[str, ...]      # the recipe (every arm)
+    pb: tuple[str, ...]         # the PB protocol (every arm; baseline-es caps it at 0 dendrites)
+    about: str
+
+
+# The reference protocol: switch at a plateau of the validation accuracy, restart the schedule
+# (with its warmup) for every stage, caps on a stage's length that are also its cosine's length.
+_PROTOCOL = ("--dendrites", "--pb-switch-mode", "patience", "--pb-schedule", "phase")
+SETUPS = {
+    "cpu16": Setup(
+        "mobilenet_tiny", 1.0,
+        ("--resize", "16", "--epochs", "200", "-b", "128", "--opt", "sgd", "--lr", "0.1",
+         "--momentum", "0.9", "--wd", "5e-5", "--sched", "cosine", "--lr-warmup-epochs", "1",
+         "--label-smoothing", "0.1", "--dropout", "0", "--random-crop-padding", "2",
+         "--hflip", "0.5", "--val-size", "5000", "--device", "cpu"),
+        (*_PROTOCOL, "--pb-n-patience", "6", "--pb-p-patience", "3", "--pb-n-epochs", "40",
+         "--pb-p-epochs", "10", "--pb-max-dendrites", "2", "--pb-max-tries", "2"),
+        "mobilenet_tiny w1.0 (14k parameters), CIFAR-10 downsampled to 16x16, SGD, one core "
+        "per run"),
+    "gpu32": Setup(
+        "mobilenet_v3_small", 1.0,
+        ("--epochs", "400", "-b", "256", "--opt", "sgd", "--lr", "0.2", "--momentum", "0.9",
+         "--wd", "5e-5", "--sched", "cosine", "--lr-warmup-epochs", "3",
+         "--label-smoothing", "0.1", "--dropout", "0.2", "--random-crop-padding", "4",
+         "--hflip", "0.5", "--val-size", "5000", "--amp", "--channels-last"),
+        (*_PROTOCOL, "--pb-n-patience", "10", "--pb-p-patience", "5", "--pb-n-epochs", "100",
+         "--pb-p-epochs", "20", "--pb-max-dendrites", "3", "--pb-max-tries", "2"),
+        "MobileNetV3-Small w1.0 at 32x32 on a GPU"),
+}
+ARMS = {"baseline-es": ("--pb-max-dendrites", "0"), "pb": (),
+        "restarts": ("--pb-control", "restarts"), "untrained": ("--pb-control", "untrained"),
+        "matched": ("--pb-max-dendrites", "0")}
+
+
+def count(model: str, width: float) -> int:
+    return sum(p.numel() for p in create_model(model, width_mult=width).parameters())
+
+
+def matched_width(model: str, width: float, params: int) -> float:
+    """The width multiplier (in steps of 0.01, from ``width`` up) whose parameter count is
+    nearest to ``params``."""
+    best, w = (abs(count(model, width) - params), width), width
+    while True:
+        w = round(w + 0.01, 2)
+        n = count(model, w)
+        best = min(best, (abs(n - params), w))
+        if n > params or w > 8 * width:
+            return best[1]
+
+
+def arm_args(setup: str, arm: str, width: float | None = None) -> list[str]:
+    s = SETUPS[setup]
+    return ["--model", s.model, "--width-mult", f"{width or s.width:g}", *s.train, *s.pb,
+            *ARMS[arm]]
+
+
+def _pb_params(results: Path, setup: str, seed: int) -> int | None:
+    rec = next((r for r in load_records(results) if (r["setup"], r["arm"], r["seed"]) ==
+                (setup, "pb", seed)), None)
+    return None if rec is None else rec["params"]
+
+
+def run_arm(setup: str, arm: str, seed: int, data: str, out: Path, results: Path,
+            concurrent: int = 1, log=print) -> dict | None:
+    """Train one arm for one seed (resumed if its folder holds a ``last.pt``) and record it."""
+    width = SETUPS[setup].width
+    if arm == "matched":
+        target = _pb_params(results, setup, seed)
+        if target is None:
+            log(f"!! {setup} matched seed {seed}: no pb record for this seed yet; run pb first")
+            return None
+        width = matched_width(SETUPS[setup].model, width, target)
+    run_dir = out / setup / arm / f"seed{seed}"
+    args = [*arm_args(setup, arm, width), "--data", str(data), "--seed", str(seed),
+            "--output-dir", str(run_dir), "--no-progress"]
+    cfg = config_from_args(cli.build_parser().parse_args(["train", *args]))
+    cfg = replace(cfg, resume=str(run_dir) if (run_dir / "last.pt").exists() else None)
+    log(f"== {setup} {arm} seed {seed}: width {width:g}")
+    result = train(cfg)
+    curve = [[r["epoch"], r["phase"][0], round(r["val_acc"], 3), r["event"]]
+             for r in result.history]
+    rec = {"setup": setup, "arm": arm, "seed": seed, "width": width,
+           "device": device_name(cfg.device), "concurrent_runs": concurrent,
+           "date": time.strftime("%Y-%m-%d"), "command": shlex.join(["pbp-fast", "train", *args]),
+           "seconds": sum(r["seconds"] for r in result.history), "curve": curve,
+           **{k: getattr(result, k) for k in ("test_acc", "val_acc", "params", "params_dendrites",
+                                              "num_dendrites", "best_epoch", "epochs")}}
+    save_record(results, rec, key=("setup", "arm", "seed"),
+                order=lambda r: (r["setup"], list(ARMS).index(r["arm"]), r["seed"]))
+    log(f"   test {rec['test_acc']:.2f} %, val {rec['val_acc']:.2f} %, {rec['params']:,} "
+        f"parameters, {rec['epochs']} epochs, {rec['seconds'] / 60:.0f} min -> {results}")
+    return rec
+
+
+# ---------------------------------------------------------------------------------- report
+
+def _mean_sd(values: list[float]) -> str:
+    sd = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{statistics.fmean(values):.2f}{sd}"
+
+
+def table(records: list[dict], setup: str) -> str:
+    lines = [f"| {setup} arm | seeds | test acc % (mean ± sd) | test error vs baseline-es | "
+             "epochs | parameters (dendrites counted) | time per run |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    by_arm = {a: [r for r in records if r["setup"] == setup and r["arm"] == a] for a in ARMS}
+    base = by_arm["baseline-es"]
+    e0 = 100 - statistics.fmean(r["test_acc"] for r in base) if base else None
+    for arm, runs in by_arm.items():
+        if not runs:
+            lines.append(f"| {arm} | not yet run | | | | | |")
+            continue
+        acc = [r["test_acc"] for r in runs]
+        rel = (f"{(100 - statistics.fmean(acc) - e0) / e0:+.1%}" if e0 else "—")
+        lines.append(
+            f"| {arm} | {' '.join(str(r['seed']) for r in runs)} | {_mean_sd(acc)} | {rel} | "
+            f"{statistics.fmean(r['epochs'] for r in runs):.0f} | "
+            f"{statistics.fmean(r['params'] for r in runs):,.0f} | "
+            f"{statistics.fmean(r['seconds'] for r in runs) / 60:.0f} min |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], setup: str, folder: Path) -> list[Path]:
+    """``<setup>_curves.png`` (validation accuracy per epoch, one seed, PB's dendrite phases
+    shaded) and ``<setup>_params.png`` (test accuracy against parameters, every run)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in records if r["setup"] == setup]
+    if not runs:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    seed = min(r["seed"] for r in runs)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in runs:
+        if r["seed"] != seed:
+            continue
+        ep = [c[0] for c in r["curve"]]
+        ax.plot(ep, [c[2] for c in r["curve"]], lw=1.2, label=r["arm"])
+        if r["arm"] == "pb":
+            for c in r["curve"]:
+                if c[1] == "d":
+                    ax.axvspan(c[0] - 1, c[0], color="tab:orange", alpha=0.12, lw=0)
+    ax.set(xlabel="epoch", ylabel="validation accuracy %",
+           title=f"{setup}, seed {seed} (shaded: PB's dendrite phases)")
+    ax.legend()
+    curves = folder / f"{setup}_curves.png"
+    fig.tight_layout()
+    fig.savefig(curves, dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for arm in ARMS:
+        mine = [r for r in runs if r["arm"] == arm]
+        if mine:
+            ax.scatter([r["params"] for r in mine], [r["test_acc"] for r in mine], label=arm)
+    ax.set(xlabel="parameters (dendrites counted)", ylabel="test accuracy %", title=setup)
+    ax.legend()
+    params = folder / f"{setup}_params.png"
+    fig.tight_layout()
+    fig.savefig(params, dpi=110)
+    plt.close(fig)
+    return [curves, params]
+
+
+def render(records: list[dict]) -> str:
+    parts = []
+    for setup, s in SETUPS.items():
+        if not any(r["setup"] == setup for r in records):
+            continue
+        parts += [f"**{setup}**: {s.about}.", "", table(records, setup), ""]
+    return "\n".join(parts) or "No run recorded yet."
+
+
+def replace_between(path: Path, body: str) -> None:
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"pb_controls: {path} has no {BEGIN} ... {END} markers")
+    head, rest = text.split(BEGIN, 1)
+    path.write_text(f"{head}{BEGIN}\n{body}\n{END}{rest.split(END, 1)[1]}")
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--setup", choices=SETUPS)
+    what.add_argument("--list", action="store_true", help="the setups, arms and commands")
+    what.add_argument("--report", action="store_true",
+                      help="the table into README.md and docs/pb_controls.md, the figures into "
+                      "docs/figures")
+    p.add_argument("--arm", nargs="+", choices=[*ARMS, "all"], default=["all"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side, a process each")
+    p.add_argument("--concurrent", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--data", default=default_data(),
+                   help="CIFAR-10: a folder with cifar10_jpeg_{train,test}.npz, or one of them")
+    p.add_argument("--out", type=Path, default=Path("runs/pb_controls"))
+    p.add_argument("--results", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.list:
+        for name, s in SETUPS.items():
+            print(f"{name}: {s.about}")
+            for arm in ARMS:
+                print(f"  {arm}: pbp-fast train {shlex.join(arm_args(name, arm))}")
+        return 0
+    if args.report:
+        records = load_records(args.results)
+        body = render(records)
+        replace_between(README, body)
+        replace_between(DOC, body)
+        for setup in SETUPS:
+            for f in plot(records, setup, FIGURES):
+                print(f"wrote {f}")
+        print(body)
+        return 0
+    arms = list(ARMS) if "all" in args.arm else list(dict.fromkeys(args.arm))
+    seeds = list(dict.fromkeys(args.seeds))
+    if args.jobs > 1 and len(arms) * len(seeds) > 1:
+        prepare_data(args.data, args.out, None)
+        shared = ["--data", args.data, "--out", str(args.out), "--results", str(args.results),
+                  "--concurrent", str(args.jobs)]
+        # seed by seed, pb first (the longest); matched last (it needs pb's parameter count)
+        waves = [[a for a in arms if a != "matched"], [a for a in arms if a == "matched"]]
+        failed = 0
+        for wave in waves:
+            specs = [(f"{args.setup} {arm} seed {seed}",
+                      [sys.executable, str(Path(__file__).resolve()), "--setup", args.setup,
+                       "--arm", arm, "--seeds", str(seed), *shared],
+                      args.out / args.setup / arm / f"seed{seed}.log")
+                     for seed in seeds for arm in sorted(wave, key=lambda a: a != "pb")]
+            failed += run_processes(specs, args.jobs) if specs else 0
+        return 1 if failed else 0
+    for arm in arms:
+        for seed in seeds:
+            run_arm(args.setup, arm, seed, args.data, args.out, args.results, args.concurrent)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""bench/pb_controls.py: the arms of a setup differ only in their PB flags; every arm runs end to
+end on random images and is recorded; the parameter-matched arm gets PB's parameter count; the
+report renders the table and the figures."""
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from pbp_fast import cli
+from pbp_fast.recipe import config_from_args
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))  # pb_controls imports cifar_table
+spec = importlib.util.spec_from_file_location("pb_controls", BENCH / "pb_controls.py")
+controls = sys.modules["pb_controls"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(controls)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _config(setup, arm, width=None):
+    args = [*controls.arm_args(setup, arm, width), "--data", "d", "--seed", "0"]
+    return dataclasses.asdict(config_from_args(cli.build_parser().parse_args(["train", *args])))
+
+
+@pytest.mark.parametrize("setup", list(controls.SETUPS))
+def test_arms_differ_only_in_their_pb_flags(setup):
+    cfgs = {arm: _config(setup, arm) for arm in controls.ARMS}
+    pb = cfgs["pb"]
+    assert pb["dendrites"] and pb["pb_switch_mode"] == "patience" and pb["pb_schedule"] == "phase"
+    want = {"baseline-es": {"pb_max_dendrites"}, "restarts": {"pb_control"},
+            "untrained": {"pb_control"}, "matched": {"pb_max_dendrites"}}
+    for arm, changed in want.items():
+        assert {k for k in pb if pb[k] != cfgs[arm][k]} == changed, arm
+    assert cfgs["baseline-es"]["pb_max_dendrites"] == 0
+    assert cfgs["restarts"]["pb_control"] == "restarts"
+    assert _config(setup, "matched", 1.37)["width_mult"] == 1.37
+
+
+def test_matched_width_is_the_nearest_count():
+    target = controls.count("mobilenet_tiny", 1.0) + 3000
+    w = controls.matched_width("mobilenet_tiny", 1.0, target)
+    near = [abs(controls.count("mobilenet_tiny", v) - target) for v in (w - 0.01, w, w + 0.01)]
+    assert w > 1.0 and near[1] == min(near)
+
+
+def test_every_arm_runs_records_and_reports(tmp_path, monkeypatch):
+    table = sys.modules["cifar_table"]
+    data, _, val = table.smoke_data(str(tmp_path / "none"), tmp_path / "data", 60)
+    tiny = controls.Setup(
+        "mobilenet_tiny", 0.25,
+        ("--resize", "8", "--epochs", "8", "-b", "16", "--val-size", str(val), "--device", "cpu",
+         "--lr-warmup-epochs", "0", "--cache-dir", str(tmp_path / "cache")),
+        (*controls._PROTOCOL, "--pb-n-patience", "1", "--pb-p-patience", "1",
+         "--pb-max-dendrites", "1", "--pb-warmup-batches", "1"), "a test setup")
+    monkeypatch.setitem(controls.SETUPS, "tiny", tiny)
+    results = tmp_path / "results.json"
+    assert controls.run_arm("tiny", "matched", 0, data, tmp_path / "runs", results) is None
+    recs = {arm: controls.run_arm("tiny", arm, 0, data, tmp_path / "runs", results)
+            for arm in controls.ARMS}
+    # (on random images no dendrite set beats the best score: the runs end with what they had)
+    assert "d" in {c[1] for c in recs["pb"]["curve"]}
+    assert "restart" in {c[3] for c in recs["restarts"]["curve"]}
+    assert "add_dendrites" in {c[3] for c in recs["untrained"]["curve"]}
+    assert "d" not in {c[1] for c in recs["untrained"]["curve"] + recs["restarts"]["curve"]}
+    for arm in ("baseline-es", "restarts", "matched"):
+        assert recs[arm]["num_dendrites"] == 0 and recs[arm]["params_dendrites"] == 0
+    assert recs["baseline-es"]["epochs"] < recs["restarts"]["epochs"]
+    assert recs["matched"]["width"] == controls.matched_width("mobilenet_tiny", 0.25,
+                                                              recs["pb"]["params"])
+    records = table.load_records(results)
+    assert sorted(r["arm"] for r in records) == sorted(controls.ARMS)
+    text = controls.table(records, "tiny")
+    assert text.count("\n") == len(controls.ARMS) + 1 and "baseline-es" in text
+    pytest.importorskip("matplotlib")
+    figs = controls.plot(records, "tiny", tmp_path / "fig")
+    assert [f.name for f in figs] == ["tiny_curves.png", "tiny_params.png"]
