@@ -45,8 +45,11 @@ def train_candidates(model, loader, cfg: TrainConfig, opt: str, lr: float, epoch
     """Fresh candidates (seeded; they replace any in the checkpoint) on ``model``, frozen the way
     the controller enters a dendrite phase, trained for ``epochs`` epochs of ``loader``; returns
     the summed best score and the candidates' relative weight changes."""
+    # the settings this measurement was made with (short runs: a 10-batch statistics warmup;
+    # candidates initialised like the layer, so that "moved" compares like with like)
     pb = pbp.PerforatedBackprop(model, switch_mode="fixed", n_epochs=1, p_epochs=epochs,
-                                max_dendrites=10**6)
+                                max_dendrites=10**6, warmup_batches=10, snapshot="unit",
+                                candidate_scale=None)
     torch.manual_seed(seed)
     if pb.add_validation_score(0.0).phase != "dendrite":
         raise RuntimeError("the controller did not enter a dendrite phase")
@@ -75,7 +78,7 @@ def train_candidates(model, loader, cfg: TrainConfig, opt: str, lr: float, epoch
             scheduler.step()
     moved = [float((u.candidate.weight.detach() - w0).norm() / w0.norm())
              for u, w0 in zip(units, start)]
-    return {"score": float(sum(u.candidate.best_score for u in units)),
+    return {"score": float(sum(u.candidate.score() for u in units)),
             "moved_median": statistics.median(moved), "moved_max": max(moved),
             "grad_ratio": grad_ratio,
             "seconds": time.perf_counter() - t0}

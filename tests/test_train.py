@@ -225,6 +225,8 @@ def test_candidates_train_in_the_dendrite_phase(tmp_path, capsys):
         out = tmp_path / opt
         assert cli.main(["train", *FAST, "--dendrites", "--pb-n-epochs", "1", "--pb-p-epochs",
                          "3", "--pb-max-dendrites", "1", "--epochs", "4", "--pb-opt", opt,
+                         "--pb-warmup-batches", "10", "--pb-snapshot", "unit",
+                         "--pb-candidate-scale", "none",
                          "--output-dir", str(out)]) == 0
         with open(out / "pb_history.csv", newline="") as f:
             scores[opt] = [float(r["candidate_score"]) for r in csv.DictReader(f)
