@@ -427,13 +427,18 @@ def render(records: list[dict]) -> str:
 
 def write_report(results: Path, readme: Path) -> str:
     """Replace the text between the table markers in ``readme`` with the rendered table."""
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"cifar_table: {readme} has no {BEGIN} ... {END} markers")
     body = render(load_records(results))
-    head, rest = text.split(BEGIN, 1)
-    readme.write_text(f"{head}{BEGIN}\n{body}\n{END}{rest.split(END, 1)[1]}")
+    replace_between(readme, BEGIN, END, body)
     return body
+
+
+def replace_between(path: Path, begin: str, end: str, body: str) -> None:
+    """Replace the text between the markers ``begin`` and ``end`` in ``path`` with ``body``."""
+    text = path.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path} has no {begin} ... {end} markers")
+    head, rest = text.split(begin, 1)
+    path.write_text(f"{head}{begin}\n{body}\n{end}{rest.split(end, 1)[1]}")
 
 
 # ---------------------------------------------------------------------------------- CLI

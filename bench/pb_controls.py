@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cifar_table import (default_data, device_name, load_records, prepare_data, run_processes,
-                         save_record)
+from cifar_table import (Stats, default_data, device_name, load_records, prepare_data,
+                         replace_between, run_processes, save_record)
 
 from pbp_fast import cli
 from pbp_fast.recipe.flags import config_from_args
@@ -150,29 +149,23 @@ def run_arm(setup: str, arm: str, seed: int, data: str, out: Path, results: Path
 
 # ---------------------------------------------------------------------------------- report
 
-def _mean_sd(values: list[float]) -> str:
-    sd = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-    return f"{statistics.fmean(values):.2f}{sd}"
-
-
 def table(records: list[dict], setup: str) -> str:
     lines = [f"| {setup} arm | seeds | test acc % (mean ± sd) | test error vs baseline-es | "
              "epochs | parameters (dendrites counted) | time per run |",
              "|---|---|---:|---:|---:|---:|---:|"]
     by_arm = {a: [r for r in records if r["setup"] == setup and r["arm"] == a] for a in ARMS}
     base = by_arm["baseline-es"]
-    e0 = 100 - statistics.fmean(r["test_acc"] for r in base) if base else None
+    e0 = 100 - Stats(base).mean("test_acc") if base else None
     for arm, runs in by_arm.items():
         if not runs:
             lines.append(f"| {arm} | not yet run | | | | | |")
             continue
-        acc = [r["test_acc"] for r in runs]
-        rel = (f"{(100 - statistics.fmean(acc) - e0) / e0:+.1%}" if e0 else "—")
+        st = Stats(runs)
+        rel = f"{(100 - st.mean('test_acc') - e0) / e0:+.1%}" if e0 else "—"
         lines.append(
-            f"| {arm} | {' '.join(str(r['seed']) for r in runs)} | {_mean_sd(acc)} | {rel} | "
-            f"{statistics.fmean(r['epochs'] for r in runs):.0f} | "
-            f"{statistics.fmean(r['params'] for r in runs):,.0f} | "
-            f"{statistics.fmean(r['seconds'] for r in runs) / 60:.0f} min |")
+            f"| {arm} | {' '.join(map(str, st.seeds))} | {st.acc('test_acc')} | {rel} | "
+            f"{st.mean('epochs'):.0f} | {st.mean('params'):,.0f} | "
+            f"{st.mean('seconds') / 60:.0f} min |")
     return "\n".join(lines)
 
 
@@ -228,14 +221,6 @@ def render(records: list[dict]) -> str:
     return "\n".join(parts) or "No run recorded yet."
 
 
-def replace_between(path: Path, body: str) -> None:
-    text = path.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"pb_controls: {path} has no {BEGIN} ... {END} markers")
-    head, rest = text.split(BEGIN, 1)
-    path.write_text(f"{head}{BEGIN}\n{body}\n{END}{rest.split(END, 1)[1]}")
-
-
 # ---------------------------------------------------------------------------------- CLI
 
 def main(argv=None) -> int:
@@ -265,8 +250,8 @@ def main(argv=None) -> int:
     if args.report:
         records = load_records(args.results)
         body = render(records)
-        replace_between(README, body)
-        replace_between(DOC, body)
+        for path in (README, DOC):
+            replace_between(path, BEGIN, END, body)
         for setup in SETUPS:
             for f in plot(records, setup, FIGURES):
                 print(f"wrote {f}")

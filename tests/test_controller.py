@@ -264,7 +264,7 @@ def test_restarts_control_runs_the_stages_without_dendrites():
     model = _model()
     pb = pbp.PerforatedBackprop(model, n_patience=1, max_dendrites=2, max_tries=1,
                                 control="restarts")
-    before = count = pbp.count_parameters(model).total
+    before = pbp.count_parameters(model).total
     ds = _feed(pb, [0.5, 0.5,       # stage 0 ends: restart
                     0.6, 0.6,       # beats 0.5: accepted, restart 2
                     0.6, 0.55])     # stage 2 never beats 0.6: failed, stop

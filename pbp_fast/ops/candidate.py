@@ -85,6 +85,7 @@ def candidate_update(mean, count, batches, best_score, sums, n, *,
     checks.state(mean, "mean", (4, None))
     for name, t in (("count", count), ("batches", batches)):
         checks.state(t, name, ())
+    checks.tensor(best_score, "best_score")
     checks.state(best_score, "best_score", () if best_score.dim() == 0 else (mean.shape[1],))
     checks.tensor(sums, "sums", 2)
     checks.shape(sums, "sums", tuple(mean.shape))

@@ -129,12 +129,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="no per-batch progress bar")
     add_distill_args(parser)
 
-def _int_or_none(text: str):
-    return None if text.lower() == "none" else int(text)
+
+def _or_none(convert):
+    """An argparse type: 'none' gives None, anything else ``convert(text)``."""
+    def parse(text: str):
+        return None if text.lower() == "none" else convert(text)
+    parse.__name__ = convert.__name__  # argparse names it in its error message
+    return parse
 
 
-def _float_or_none(text: str):
-    return None if text.lower() == "none" else float(text)
+_int_or_none, _float_or_none = _or_none(int), _or_none(float)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
