@@ -67,7 +67,7 @@ SETUPS = {
         ("--resize", "16", "--epochs", "200", "-b", "128", "--opt", "sgd", "--lr", "0.1",
          "--momentum", "0.9", "--wd", "5e-5", "--sched", "cosine", "--lr-warmup-epochs", "1",
          "--label-smoothing", "0.1", "--dropout", "0", "--random-crop-padding", "2",
-         "--hflip", "0.5", "--val-size", "5000", "--device", "cpu"),
+         "--hflip", "0.5", "--val-size", "5000", "--channels-last", "--device", "cpu"),
         (*_PROTOCOL, "--pb-n-patience", "6", "--pb-p-patience", "3", "--pb-n-epochs", "40",
          "--pb-p-epochs", "10", "--pb-max-dendrites", "2", "--pb-max-tries", "2"),
         "mobilenet_tiny w1.0 (14k parameters), CIFAR-10 downsampled to 16x16, SGD, one core "

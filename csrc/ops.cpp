@@ -25,21 +25,22 @@ TORCH_LIBRARY(pbp_fast, m) {
         "int[2] dilation, int groups, bool[7] output_mask) -> (Tensor, Tensor, Tensor, Tensor, "
         "Tensor, Tensor, Tensor)");
   // One candidate, one batch: v = sigmoid(conv(x; weight, bias) + sum_j cascade[j] * s[j]),
-  // per-channel sums (v, e, v*e, e*e) as float32 (4, Cout), and the gradients of
+  // per-channel sums (v, e, v*e, e*e, v*v) as float32 (5, Cout), and the gradients of
   // L = -sum sign * (e - mean_e) * v / n w.r.t. (weight, bias, cascade).
   m.def("candidate_pass(Tensor x, Tensor weight, Tensor? bias, Tensor? cascade, Tensor? s, "
         "Tensor e, Tensor mean_e, Tensor sign, int[2] stride, int[2] padding, int[2] dilation, "
         "int groups) -> (Tensor, Tensor, Tensor, Tensor)");
-  // From a candidate's running means (4, Cout) float64 of (v, e, v e, e e): (mean_e, sign(C))
-  // in `dtype`, what candidate_pass takes (C = correlation, docs/design.md "The math").
+  // From a candidate's running means (5, Cout) float64 of (v, e, v e, e e, v v):
+  // (mean_e, sign(C)) in `dtype`, what candidate_pass takes (C = correlation, docs/design.md "The math").
   m.def("candidate_objective(Tensor mean, ScalarType dtype) -> (Tensor, Tensor)");
-  // One batch's bookkeeping, in place: fold the batch's sums (4, Cout) over n positions into the
+  // One batch's bookkeeping, in place: fold the batch's sums (5, Cout) over n positions into the
   // running means (cumulative for warmup_batches batches, then an EMA with momentum; skipped
   // for an empty or non-finite batch), count and batches; best_score = score = sum |C| (0-dim
   // best_score) or |C_c| per channel ((Cout,) best_score) where that beats it by more than
-  // threshold after the warm-up.  Returns that decision (bool, best_score's shape): where the
-  // candidate's weights are to be snapshotted.
+  // threshold after the warm-up; C is Pearson's r with pearson, else cov(v, e) / std(e).
+  // Returns that decision (bool, best_score's shape): where the candidate's weights are to be
+  // snapshotted.
   m.def("candidate_update(Tensor(a!) mean, Tensor(b!) count, Tensor(c!) batches, "
         "Tensor(d!) best_score, Tensor sums, Tensor n, int warmup_batches, float momentum, "
-        "float threshold) -> Tensor");
+        "float threshold, bool pearson) -> Tensor");
 }

@@ -1,7 +1,7 @@
 """The candidate's Triton kernels and ops (the math: ``pbp_fast.ops.reference.candidate_*``).
 
     candidate_kernel             one tile of the candidate's activation v, the per-pixel
-                                 dL_c/da and the per-channel sums of (v, e, v e, e e), the bias
+                                 dL_c/da and the per-channel sums of (v, e, v e, e e, v v), the bias
                                  and cascade gradients
     candidate_objective_kernel   (mean_e, sign C) from the running means
     candidate_update_kernel      one batch folded into the running means, the best score raised
@@ -37,7 +37,7 @@ def candidate_kernel(
         BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
         VEC: tl.constexpr):
     """One candidate's pass: v = sigmoid(conv(x; W_c) + b_c + sum_j kappa_j s_j), e = dL/dy.
-    Partial rows per channel: 0..3 sums of v, e, v e, e e; 4 sum ga (b_c); 5+j sum ga s_j
+    Partial rows per channel: 0..4 sums of v, e, v e, e e, v v; 5 sum ga (b_c); 6+j sum ga s_j
     (kappa_j), where ga = dL_c/da = -sign (e - mean_e) / n * v (1 - v) is also stored for the
     weight gradient."""
     c, mp, mc, n, oh, ow = tile(P, HWo, Wo, C, BP, BC, VEC)
@@ -67,9 +67,10 @@ def candidate_kernel(
     tl.store(part + C + c, tl.sum(e, axis=0), mask=mc)
     tl.store(part + 2 * C + c, tl.sum(v * e, axis=0), mask=mc)
     tl.store(part + 3 * C + c, tl.sum(e * e, axis=0), mask=mc)
-    tl.store(part + 4 * C + c, tl.sum(ga, axis=0), mask=mc)
+    tl.store(part + 4 * C + c, tl.sum(v * v, axis=0), mask=mc)
+    tl.store(part + 5 * C + c, tl.sum(ga, axis=0), mask=mc)
     if DC > 0:
-        tl.store(part + (5 + j[:, None]) * C + c[None, :], tl.sum(ga[None, :, :] * s_all, axis=1),
+        tl.store(part + (6 + j[:, None]) * C + c[None, :], tl.sum(ga[None, :, :] * s_all, axis=1),
                  mask=(j < DC)[:, None] & mc[None, :])
     tl.store(ga_ptr + offsets(n, c, oh, ow, san, sac, sah, saw, VEC),
              ga.to(ga_ptr.dtype.element_ty), mask=m2)
@@ -77,9 +78,12 @@ def candidate_kernel(
 
 # -- a candidate's running statistics (C <= a few thousand channels: one program) -------------
 @triton.jit
-def _corr(m_v, m_e, m_ve, m_ee):
-    """C_c from the running means of (v, e, v e, e e)."""
-    return (m_ve - m_v * m_e) / tl.sqrt(tl.maximum(m_ee - m_e * m_e, 0.0) + 1e-12)
+def _corr(m_v, m_e, m_ve, m_ee, m_vv, PEARSON: tl.constexpr):
+    """C_c from the running means of (v, e, v e, e e, v v) (reference.correlation)."""
+    den = tl.maximum(m_ee - m_e * m_e, 0.0) + 1e-12
+    if PEARSON:
+        den = den * (tl.maximum(m_vv - m_v * m_v, 0.0) + 1e-12)
+    return (m_ve - m_v * m_e) / tl.sqrt(den)
 
 
 @triton.jit
@@ -88,7 +92,7 @@ def candidate_objective_kernel(mean_ptr, mean_e_ptr, sign_ptr, C, BC: tl.constex
     mc = c < C
     m_e = tl.load(mean_ptr + C + c, mask=mc)
     corr = _corr(tl.load(mean_ptr + c, mask=mc), m_e, tl.load(mean_ptr + 2 * C + c, mask=mc),
-                 tl.load(mean_ptr + 3 * C + c, mask=mc))
+                 tl.load(mean_ptr + 3 * C + c, mask=mc), m_e, False)
     tl.store(sign_ptr + c, tl.where(corr >= 0, 1.0, -1.0).to(sign_ptr.dtype.element_ty),
              mask=mc)
     if mean_e_ptr.dtype.element_ty != tl.float64:  # through float32, as torch converts
@@ -109,17 +113,18 @@ def _fold(mean_ptr, sums_ptr, r, c, mc, C, ok, w, n):
 @triton.jit
 def candidate_update_kernel(mean_ptr, count_ptr, batches_ptr, best_ptr, sums_ptr, n_ptr,
                             better_ptr, C, warmup, momentum, threshold, BC: tl.constexpr,
-                            PER_CHANNEL: tl.constexpr):
+                            PER_CHANNEL: tl.constexpr, PEARSON: tl.constexpr):
     """pbp_fast::candidate_update in one program: the batch's sums are read whole (to decide
     whether the batch is finite) before any running mean changes.  PER_CHANNEL: best_score and
-    the decision are (C,), one per channel; else 0-dim, for the sum over channels."""
+    the decision are (C,), one per channel; else 0-dim, for the sum over channels.  PEARSON:
+    C_c is Pearson's r."""
     n = tl.load(n_ptr).to(tl.float64)
     count = tl.load(count_ptr)
     batches = tl.load(batches_ptr)
     bad = 0
-    for i0 in range(0, 4 * C, BC):
+    for i0 in range(0, 5 * C, BC):
         i = i0 + tl.arange(0, BC)
-        v = tl.load(sums_ptr + i, mask=i < 4 * C, other=0.0).to(tl.float64)
+        v = tl.load(sums_ptr + i, mask=i < 5 * C, other=0.0).to(tl.float64)
         bad += tl.sum(tl.where(tl.abs(v) <= 1.7976931348623157e308, 0, 1), axis=0)  # NaN, inf
     ok = (bad == 0) & (n > 0)
     n = tl.where(ok, n, 1.0)  # (an empty batch changes nothing; no division by 0)
@@ -135,7 +140,8 @@ def candidate_update_kernel(mean_ptr, count_ptr, batches_ptr, best_ptr, sums_ptr
         m_e = _fold(mean_ptr, sums_ptr, 1, c, mc, C, ok, w, n)
         m_ve = _fold(mean_ptr, sums_ptr, 2, c, mc, C, ok, w, n)
         m_ee = _fold(mean_ptr, sums_ptr, 3, c, mc, C, ok, w, n)
-        corr = tl.where(mc, tl.abs(_corr(m_v, m_e, m_ve, m_ee)), 0.0)
+        m_vv = _fold(mean_ptr, sums_ptr, 4, c, mc, C, ok, w, n)
+        corr = tl.where(mc, tl.abs(_corr(m_v, m_e, m_ve, m_ee, m_vv, PEARSON)), 0.0)
         if PER_CHANNEL:
             best_c = tl.load(best_ptr + c, mask=mc, other=0.0)
             better_c = tl.where(warm, corr > best_c * (1.0 + threshold), False)
@@ -166,7 +172,7 @@ def candidate_pass(
     z = x.new_empty(0)
     if mode == 2:
         z = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
-    r = 5 + dc
+    r = 6 + dc
     bc, bk, warps = blocks(mode, c, dc)
     part = partials(n * ho * wo, r, c, x)
     ga = alloc((n, c, ho, wo), e)
@@ -182,8 +188,8 @@ def candidate_pass(
     sums = partial_sums(part)
     gw = torch.ops.aten.convolution_backward(ga, x, weight, None, stride, padding, dilation,
                                              False, [0, 0], groups, [False, True, False])[1]
-    return (sums[:4].float(), gw.contiguous(), sums[4].to(weight.dtype, copy=True),
-            sums[5:].to(weight.dtype, copy=True))
+    return (sums[:5].float(), gw.contiguous(), sums[5].to(weight.dtype, copy=True),
+            sums[6:].to(weight.dtype, copy=True))
 
 
 @kernel_op("pbp_fast::triton_candidate_objective")
@@ -200,12 +206,13 @@ def candidate_objective(mean: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tenso
            mutates_args=("mean", "count", "batches", "best_score"))
 def candidate_update(mean: Tensor, count: Tensor, batches: Tensor, best_score: Tensor,
                      sums: Tensor, n: Tensor, warmup_batches: int, momentum: float,
-                     threshold: float) -> Tensor:
+                     threshold: float, pearson: bool) -> Tensor:
     c = mean.shape[1]
     better = torch.empty(best_score.shape, dtype=torch.bool, device=mean.device)
     common.launch(candidate_update_kernel, (1,), mean, count, batches, best_score,
                   sums.contiguous(), n, better, c, warmup_batches, momentum, threshold,
-                  BC=min(1024, pow2(c)), PER_CHANNEL=best_score.dim() == 1, num_warps=4)
+                  BC=min(1024, pow2(c)), PER_CHANNEL=best_score.dim() == 1, PEARSON=pearson,
+                  num_warps=4)
     return better
 
 

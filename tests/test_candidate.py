@@ -73,12 +73,23 @@ def test_running_stats_cumulative_then_ema():
     assert batches.item() == 6 and count.item() == sum(n for _, n in rows)
 
 
-def test_correlation_is_pearson_like_covariance():
-    v = torch.rand(1000, 2, dtype=torch.float64)
+def _means(v, e, dims):
+    return torch.stack([v.mean(dims), e.mean(dims), (v * e).mean(dims), (e * e).mean(dims),
+                        (v * v).mean(dims)])
+
+
+def test_correlation_is_normalised_covariance_or_pearson():
+    v = torch.rand(1000, 2, dtype=torch.float64) * torch.tensor([1.0, 0.1], dtype=torch.float64)
     e = torch.randn(1000, 2, dtype=torch.float64) + 3 * v
-    mean = torch.stack([v.mean(0), e.mean(0), (v * e).mean(0), (e * e).mean(0)])
+    mean = _means(v, e, 0)
     cov = ((v - v.mean(0)) * (e - e.mean(0))).mean(0)
     torch.testing.assert_close(R.correlation(mean), cov / e.std(0, unbiased=False))
+    r = torch.stack([torch.corrcoef(torch.stack([v[:, c], e[:, c]]))[0, 1] for c in range(2)])
+    torch.testing.assert_close(R.correlation(mean, pearson=True), r)
+    # Pearson's r does not grow with v's spread; the covariance does
+    scaled = _means(10 * v, e, 0)
+    torch.testing.assert_close(R.correlation(scaled, pearson=True), r)
+    torch.testing.assert_close(R.correlation(scaled), 10 * R.correlation(mean))
 
 
 @needs_cpp
@@ -99,8 +110,7 @@ def _candidate_state(seed, c, batches, per_channel=False):
     g = torch.Generator().manual_seed(seed)
     v, e = torch.rand(4, 50, c, generator=g, dtype=torch.float64), \
         torch.randn(4, 50, c, generator=g, dtype=torch.float64)
-    mean = torch.stack([v.mean((0, 1)), e.mean((0, 1)), (v * e).mean((0, 1)),
-                        (e * e).mean((0, 1))])
+    mean = _means(v, e, (0, 1))
     count = torch.tensor(200.0 * batches, dtype=torch.float64)
     best = torch.tensor(float(R.correlation(mean).abs().sum()) * (0.8 + 0.4 * (seed % 2)),
                         dtype=torch.float64)
@@ -113,30 +123,35 @@ def _batch_sums(seed, c, n):
     g = torch.Generator().manual_seed(100 + seed)
     v = torch.rand(n, c, generator=g, dtype=torch.float64)
     e = torch.randn(n, c, generator=g, dtype=torch.float64) + (seed % 3) * v
-    return torch.stack([v.sum(0), e.sum(0), (v * e).sum(0), (e * e).sum(0)]).float()
+    return torch.stack([v.sum(0), e.sum(0), (v * e).sum(0), (e * e).sum(0),
+                        (v * v).sum(0)]).float()
 
 
 @pytest.mark.parametrize("backend", STATE_BACKENDS)
 @pytest.mark.parametrize("per_channel", [False, True], ids=["unit", "channel"])
 @pytest.mark.parametrize("seed", range(8))
-def test_candidate_update_matches_reference(backend, per_channel, seed):
+@pytest.mark.parametrize("pearson", [False, True], ids=["cov", "pearson"])
+def test_candidate_update_matches_reference(backend, per_channel, seed, pearson):
     """The fused bookkeeping op against reference.candidate_update, in place: cumulative
     (batches < warmup) and EMA regimes, improving and not, a non-finite batch and an empty one
     (state unchanged), channel counts beyond one Triton block; one score for the unit (0-dim
-    best_score) or one per channel."""
+    best_score) or one per channel; either score."""
     c = (3, 40, 1500)[seed % 3]
     batches = (0, 9, 10, 30)[seed % 4]  # 9, 10: the last cumulative batch, the first EMA one
     sums, n = _batch_sums(seed, c, 64), 64
-    state = _candidate_state(seed, c, batches, per_channel)
+    state = list(_candidate_state(seed, c, batches, per_channel))
+    if pearson:  # best scores on Pearson's scale
+        r, cov = (R.correlation(state[0], p).abs() for p in (True, False))
+        state[3] = state[3] * (r / cov if per_channel else r.sum() / cov.sum())
     if seed == 5:
         sums[2, c // 2] = float("nan")
     if seed == 6:  # nothing seen yet, after the warm-up: a score of 0 is no improvement on 0
         n = 0
         state = [torch.zeros_like(t) for t in state[:2]] + [state[2], torch.zeros_like(state[3])]
-    *want, better_ref = R.candidate_update(*state, sums, n, 10, 0.99, 0.1)
+    *want, better_ref = R.candidate_update(*state, sums, n, 10, 0.99, 0.1, pearson)
     got = [t.clone() for t in state]
     better = Fn.candidate_update(*got, sums, n, warmup_batches=10, momentum=0.99,
-                                 threshold=0.1, backend=backend)
+                                 threshold=0.1, pearson=pearson, backend=backend)
     assert better.dtype == torch.bool and better.shape == state[3].shape
     assert torch.equal(better, better_ref)
     if per_channel and seed not in (5, 6) and batches >= 9:  # some channels improve, not all
@@ -152,7 +167,7 @@ def test_candidate_update_decides_snapshots():
     """From zero state: no snapshot during the warm-up batches, then one as soon as the score
     beats the best by more than the threshold; the best score follows."""
     c = 5
-    state = [torch.zeros(4, c, dtype=torch.float64)] + [torch.zeros((), dtype=torch.float64)
+    state = [torch.zeros(5, c, dtype=torch.float64)] + [torch.zeros((), dtype=torch.float64)
                                                          for _ in range(3)]
     decisions = []
     for i in range(4):
@@ -203,8 +218,10 @@ def test_opcheck_candidate_state_ops():
     torch.library.opcheck(torch.ops.pbp_fast.candidate_objective.default,
                           (mean, torch.float32))
     for best_score in (best, _candidate_state(1, 6, 12, per_channel=True)[3]):
-        torch.library.opcheck(torch.ops.pbp_fast.candidate_update.default,
-                              (mean, count, batches, best_score, sums, n, 10, 0.99, 0.1))
+        for pearson in (False, True):
+            torch.library.opcheck(torch.ops.pbp_fast.candidate_update.default,
+                                  (mean, count, batches, best_score, sums, n, 10, 0.99, 0.1,
+                                   pearson))
 
 
 @pytest.mark.parametrize("backend", STATE_BACKENDS)

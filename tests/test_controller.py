@@ -200,7 +200,7 @@ def test_train_old_alphas_and_max_dendrites_zero():
     ("improvement_threshold", -0.1), ("improvement_threshold_abs", math.inf),
     ("stats_momentum", 1.0), ("snapshot_threshold", "0.1"), ("warmup_batches", -1),
     ("train_old_alphas", None), ("control", "alpha0"), ("snapshot", "layer"),
-    ("candidate_scale", 0.0), ("candidate_scale", math.nan)])
+    ("candidate_scale", 0.0), ("candidate_scale", math.nan), ("score", "r")])
 def test_config_is_validated(field, value):
     with pytest.raises(ValueError, match=field):
         PBConfig(**{field: value})
@@ -304,6 +304,33 @@ def test_candidate_settings_reach_the_units():
     cand = pb.model[0].candidate
     assert not cand.per_channel and cand.best_score.shape == ()
     assert float(cand.weight.abs().max()) > 0.1  # kaiming-uniform, bound 1/sqrt(3)
+    assert not pb.model[0].pearson_score
+    pb = pbp.PerforatedBackprop(_model(), n_patience=1, score="pearson")
+    _feed(pb, [0.5, 0.5])
+    unit = pb.model[0]
+    assert unit.pearson_score
+    unit.candidate.stats.copy_(torch.tensor([[0.5], [0.1], [0.2], [1.0], [0.5]],
+                                            dtype=torch.float64).expand(5, 4))
+    want = (0.2 - 0.05) / (0.99 ** 0.5 * 0.25 ** 0.5)  # cov / (std e std v)
+    torch.testing.assert_close(unit.candidate_correlation(),
+                               torch.full((4,), want, dtype=torch.float64))
+
+
+def test_candidate_statistics_saved_with_four_rows_load():
+    """A candidate saved before its statistics had the running mean of v v (4 rows) loads with
+    that row filled so that v's variance is 0."""
+    model = _model()
+    pb = pbp.PerforatedBackprop(model, n_patience=1)
+    _feed(pb, [0.5, 0.5])
+    model[0].candidate.stats.copy_(torch.rand(5, 4, dtype=torch.float64))
+    state = model.state_dict()
+    state["0.candidate.stats"] = state["0.candidate.stats"][:4].clone()
+    fresh = _model(seed=3)
+    pbp.PerforatedBackprop(fresh, n_patience=1)
+    fresh.load_state_dict(state)
+    stats = fresh[0].candidate.stats
+    torch.testing.assert_close(stats[:4], state["0.candidate.stats"])
+    torch.testing.assert_close(stats[4], stats[0] ** 2)
 
 
 def test_checkpoints_from_before_the_new_fields_resume_as_they_ran():

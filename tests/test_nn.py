@@ -173,8 +173,8 @@ def test_candidate_backward_matches_the_reference_candidate_pass(backend, d):
     unit, x = _candidate_unit(d, backend)
     unit.warmup_batches = 1
     with torch.no_grad():  # a non-trivial running state before the batch
-        unit.candidate.stats.copy_(torch.rand(4, unit.out_channels, dtype=torch.float64))
-        unit.candidate.stats[3] += 1.0
+        unit.candidate.stats.copy_(torch.rand(5, unit.out_channels, dtype=torch.float64))
+        unit.candidate.stats[3:] += 1.0
         unit.candidate.count.fill_(100)
         unit.candidate.batches.fill_(5)
     state = [t.clone() for t in (unit.candidate.stats, unit.candidate.count,

@@ -217,8 +217,10 @@ def test_opcheck_candidate_state_ops():
     n = torch.tensor(16.0, dtype=torch.float64, device=DEV)
     torch.library.opcheck(ops.triton_candidate_objective.default, (mean, torch.bfloat16))
     for best_score in (best, _candidate_state(1, 6, 12, per_channel=True)[3].to(DEV)):
-        torch.library.opcheck(ops.triton_candidate_update.default,
-                              (mean, count, batches, best_score, sums, n, 10, 0.99, 0.1))
+        for pearson in (False, True):
+            torch.library.opcheck(ops.triton_candidate_update.default,
+                                  (mean, count, batches, best_score, sums, n, 10, 0.99, 0.1,
+                                   pearson))
 
 
 def _block_step(model, x):

@@ -3,7 +3,7 @@
 // per-batch bookkeeping of its running statistics (one call each instead of ~60 small ops).
 //
 //   a = conv(x; W_c, b_c) + sum_j kappa_j s_j,  v = sigmoid(a)
-//   stats_c += (v, e, v e, e e)                       (per output channel, float64 sums)
+//   stats_c += (v, e, v e, e e, v v)                  (per output channel, float64 sums)
 //   dL/da = -sign_c (e - mean_e_c) / n * v (1 - v)    -> grad b_c, grad kappa_j, grad W_c
 //
 // Depthwise candidates run a direct kernel (conv, epilogue and weight gradient per output row
@@ -15,13 +15,15 @@
 namespace pbp {
 namespace {
 
-// Accumulator: rows v, e, ve, ee, grad_bias, grad_cascade[D] (Cout each), then grad W taps.
+// Accumulator: rows v, e, ve, ee, vv (kStats), grad_bias, grad_cascade[D] (Cout each), then
+// grad W taps.
+constexpr int64_t kStats = 5;
 struct CandAcc {
   int64_t D, Cout;
   int64_t stat(int64_t r) const { return r * Cout; }
-  int64_t bias() const { return 4 * Cout; }
-  int64_t casc(int64_t j) const { return (5 + j) * Cout; }
-  int64_t taps() const { return (5 + D) * Cout; }
+  int64_t bias() const { return kStats * Cout; }
+  int64_t casc(int64_t j) const { return (kStats + 1 + j) * Cout; }
+  int64_t taps() const { return (kStats + 1 + D) * Cout; }
 };
 
 // One line: a (pre-activation without cascade) is overwritten with dL/da.
@@ -41,6 +43,7 @@ PBP_INLINE void cand_line(int64_t L, int64_t D, int64_t Cout, T* a, const T* con
       acc[ix.stat(1) + i] += double(ei);
       acc[ix.stat(2) + i] += double(v * ei);
       acc[ix.stat(3) + i] += double(ei * ei);
+      acc[ix.stat(4) + i] += double(v * v);
       a[i] = -sign[i] * (ei - mean_e[i]) * inv_n * v * (T(1) - v);
     }
   } else {
@@ -49,6 +52,7 @@ PBP_INLINE void cand_line(int64_t L, int64_t D, int64_t Cout, T* a, const T* con
     acc[ix.stat(1)] += double(dot(L, e, (const T*)nullptr));
     acc[ix.stat(2)] += double(dot(L, (const T*)a, e));
     acc[ix.stat(3)] += double(dot(L, e, e));
+    acc[ix.stat(4)] += double(dot(L, (const T*)a, (const T*)a));
     const T scale = -sign[0] * inv_n, me = mean_e[0];
     for (int64_t i = 0; i < L; ++i) a[i] = scale * (e[i] - me) * a[i] * (T(1) - a[i]);
   }
@@ -187,25 +191,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> candidate_cpu(
                                                 {false, true, false}));
     }
   });
-  auto all = at::from_blob(acc.data(), {(5 + D) * C}, at::kDouble);
-  auto stats = all.narrow(0, 0, 4 * C).to(at::kFloat).reshape({4, C}).clone();
-  auto gb = all.narrow(0, 4 * C, C).to(opt.dtype()).clone();
-  auto gc = all.narrow(0, 5 * C, D * C).to(opt.dtype()).reshape({D, C}).clone();
+  auto all = at::from_blob(acc.data(), {ix.taps()}, at::kDouble);
+  auto stats = all.narrow(0, 0, kStats * C).to(at::kFloat).reshape({kStats, C}).clone();
+  auto gb = all.narrow(0, ix.bias(), C).to(opt.dtype()).clone();
+  auto gc = all.narrow(0, ix.casc(0), D * C).to(opt.dtype()).reshape({D, C}).clone();
   // the parameter gradients are contiguous whatever the layout of x (the op's fake says so)
   return {stats, gw.contiguous(), gb, gc};
 }
 
 }  // namespace
 
-// C_c from the running means m (4 rows of C): (m_ve - m_v m_e) / sqrt(max(m_ee - m_e^2, 0) + eps)
-inline double correlation(const double* m, int64_t C, int64_t c) {
+// C_c from the running means m (kStats rows of C), reference.correlation:
+// (m_ve - m_v m_e) / sqrt(var_e + eps), times 1 / sqrt(var_v + eps) with pearson.
+inline double correlation(const double* m, int64_t C, int64_t c, bool pearson = false) {
   const double mv = m[c], me = m[C + c], mve = m[2 * C + c], mee = m[3 * C + c];
-  return (mve - mv * me) / std::sqrt(std::max(mee - me * me, 0.0) + 1e-12);
+  double den = std::max(mee - me * me, 0.0) + 1e-12;
+  if (pearson) den *= std::max(m[4 * C + c] - mv * mv, 0.0) + 1e-12;
+  return (mve - mv * me) / std::sqrt(den);
 }
 
 void check_state(const at::Tensor& t, const char* name, bool matrix) {
-  TORCH_CHECK(t.scalar_type() == at::kDouble && t.is_contiguous() && t.dim() == (matrix ? 2 : 0),
-              "pbp_fast: ", name, " must be a contiguous float64 ", matrix ? "(4, C)" : "0-dim",
+  TORCH_CHECK(t.scalar_type() == at::kDouble && t.is_contiguous() && t.dim() == (matrix ? 2 : 0) &&
+                  (!matrix || t.size(0) == kStats),
+              "pbp_fast: ", name, " must be a contiguous float64 ", matrix ? "(5, C)" : "0-dim",
               " tensor");
 }
 
@@ -221,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor> objective_cpu(const at::Tensor& mean, at::Sca
 
 at::Tensor update_cpu(at::Tensor& mean, at::Tensor& count, at::Tensor& batches,
                       at::Tensor& best_score, const at::Tensor& sums_, const at::Tensor& n_,
-                      int64_t warmup, double momentum, double threshold) {
+                      int64_t warmup, double momentum, double threshold, bool pearson) {
   check_state(mean, "mean", true);
   check_state(count, "count", false);
   check_state(batches, "batches", false);
@@ -230,7 +238,7 @@ at::Tensor update_cpu(at::Tensor& mean, at::Tensor& count, at::Tensor& batches,
   TORCH_CHECK(best_score.scalar_type() == at::kDouble && best_score.is_contiguous() &&
                   (best_score.dim() == 0 || (per_channel && best_score.size(0) == C)),
               "pbp_fast: best_score must be a contiguous float64 0-dim or (C,) tensor");
-  TORCH_CHECK(sums_.dim() == 2 && sums_.size(0) == 4 && sums_.size(1) == C,
+  TORCH_CHECK(sums_.dim() == 2 && sums_.size(0) == kStats && sums_.size(1) == C,
               "pbp_fast: sums must have the shape of mean");
   const auto sums = sums_.to(at::kDouble).contiguous();
   const double n = n_.item<double>();  // a CPU scalar: no device synchronisation
@@ -240,10 +248,10 @@ at::Tensor update_cpu(at::Tensor& mean, at::Tensor& count, at::Tensor& batches,
   double* bt = batches.data_ptr<double>();
   double* best = best_score.data_ptr<double>();
   bool ok = n > 0;
-  for (int64_t i = 0; i < 4 * C && ok; ++i) ok = std::isfinite(s[i]);
+  for (int64_t i = 0; i < kStats * C && ok; ++i) ok = std::isfinite(s[i]);
   if (ok) {
     const double w = *bt < warmup ? n / (*cnt + n) : 1.0 - momentum;
-    for (int64_t i = 0; i < 4 * C; ++i) m[i] += w * (s[i] / n - m[i]);
+    for (int64_t i = 0; i < kStats * C; ++i) m[i] += w * (s[i] / n - m[i]);
     *cnt += n;
     *bt += 1;
   }
@@ -255,10 +263,10 @@ at::Tensor update_cpu(at::Tensor& mean, at::Tensor& count, at::Tensor& batches,
     if (bet[i]) best[i] = score;
   };
   if (per_channel) {
-    for (int64_t c = 0; c < C; ++c) decide(std::abs(correlation(m, C, c)), c);
+    for (int64_t c = 0; c < C; ++c) decide(std::abs(correlation(m, C, c, pearson)), c);
   } else {
     double score = 0;
-    for (int64_t c = 0; c < C; ++c) score += std::abs(correlation(m, C, c));
+    for (int64_t c = 0; c < C; ++c) score += std::abs(correlation(m, C, c, pearson));
     decide(score, 0);
   }
   return better;

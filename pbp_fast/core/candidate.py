@@ -7,9 +7,9 @@ runs the fused candidate pass on it,
     v   = sigmoid(conv(x~; W_c, b_c) + sum_j kappa_c[j] s_j)
     L_c = -sum_p sign(C_c) * (e_p - mean_e_c) * v_p / n,    C_c = cov(v_c, e_c) / std(e_c)
 
-and :meth:`Candidate.update` folds the batch's per-channel sums of (v, e, v e, e e) into the
-running means (cumulative for ``warmup_batches`` batches, then an EMA with ``momentum``),
-scores sum_c |C_c| and snapshots the weights whenever the score beats the best by more than
+and :meth:`Candidate.update` folds the batch's per-channel sums of (v, e, v e, e e, v v) into
+the running means (cumulative for ``warmup_batches`` batches, then an EMA with ``momentum``),
+scores |C_c| (per channel, or summed over the unit; Pearson's r with ``pearson``) and snapshots the weights whenever the score beats the best by more than
 ``threshold`` (relative).  Both are tensor ops on the device: no host synchronisation.
 """
 from __future__ import annotations
@@ -39,8 +39,8 @@ def _as(t, dtype):
 
 class Candidate(nn.Module):
     """Parameters ``weight`` (*W.shape), ``bias`` (Cout,), ``cascade`` (D, Cout) (its weights on
-    the unit's D trained dendrites); float64 buffers ``stats`` (4, Cout) (running means of v, e,
-    v e, e e), ``count`` and ``batches`` (positions and batches seen), the snapshot
+    the unit's D trained dendrites); float64 buffers ``stats`` (5, Cout) (running means of v, e,
+    v e, e e, v v), ``count`` and ``batches`` (positions and batches seen), the snapshot
     ``best_weight``/``best_bias``/``best_cascade`` and its ``best_score``: 0-dim (one snapshot
     of the whole candidate, scored by sum_c |C_c|), or with ``per_channel`` (Cout,) (each
     output channel's weights snapshotted when its own |C_c| improves)."""
@@ -53,7 +53,7 @@ class Candidate(nn.Module):
         self.bias = nn.Parameter(bias)
         self.cascade = nn.Parameter(cascade)
         f64 = dict(dtype=torch.float64, device=weight.device)
-        self.register_buffer("stats", torch.zeros(4, c, **f64))
+        self.register_buffer("stats", torch.zeros(len(reference.STAT_NAMES), c, **f64))
         self.register_buffer("count", torch.zeros((), **f64))
         self.register_buffer("batches", torch.zeros((), **f64))
         for name in _WEIGHTS:
@@ -77,9 +77,9 @@ class Candidate(nn.Module):
             mask = mask.view(-1, *([1] * (a.dim() - 1)))
         return torch.where(mask, a, b, out=out) if out is not None else torch.where(mask, a, b)
 
-    def correlation(self) -> torch.Tensor:
-        """C_c (per output channel) from the running statistics."""
-        return reference.correlation(self.stats)
+    def correlation(self, pearson: bool = False) -> torch.Tensor:
+        """C_c (per output channel) from the running statistics (``reference.correlation``)."""
+        return reference.correlation(self.stats, pearson)
 
     def best(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(weight, bias, cascade) of the best snapshot, or the current ones if none was taken."""
@@ -105,7 +105,7 @@ class Candidate(nn.Module):
         stats, gw, gb, gc = ops.candidate_pass(
             x, _as(self.weight, dt), _as(self.bias, dt), _as(self.cascade, dt) if d else None,
             s if d else None, e, mean_e, sign, **conv_kw, backend=backend)
-        if world_size > 1:  # rows (v, e, v e, e e) of the sums, for the error e / w
+        if world_size > 1:  # rows (v, e, v e, e e, v v) of the sums, for the error e / w
             stats[1:3] /= world_size
             stats[3] /= world_size ** 2
         return stats, e.numel() // e.shape[1], (gw, gb, gc)
@@ -113,13 +113,14 @@ class Candidate(nn.Module):
     @torch.no_grad()
     def update(self, stats, n, *, warmup_batches=reference.WARMUP_BATCHES,
                momentum=reference.STATS_MOMENTUM, threshold=reference.SNAPSHOT_THRESHOLD,
-               backend="auto") -> None:
+               pearson=False, backend="auto") -> None:
         """Fold one batch's sums ``stats`` over ``n`` positions (an int or a 0-dim tensor) into
         the running statistics and take a snapshot where the score improved: two fused ops
         (``ops.candidate_update``, then the snapshot), no host synchronisation."""
         better = ops.candidate_update(self.stats, self.count, self.batches, self.best_score,
                                       stats, n, warmup_batches=warmup_batches,
-                                      momentum=momentum, threshold=threshold, backend=backend)
+                                      momentum=momentum, threshold=threshold, pearson=pearson,
+                                      backend=backend)
         for name in _WEIGHTS:
             best = getattr(self, "best_" + name)
             self._where(name, better, getattr(self, name), best, out=best)

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 
 from pbp_fast.ops import reference
 
-__all__ = ["PBConfig", "CONTROLS", "SNAPSHOTS"]
+__all__ = ["PBConfig", "CONTROLS", "SCORES", "SNAPSHOTS"]
 
 # control="restarts": every neuron stage of PB's protocol (plateau switches, best model restored,
 # optimizer and schedule restarted, retries), but no dendrite is ever added; "untrained": the
 # candidates are adopted as soon as they are made, without a dendrite phase.
 CONTROLS = ("none", "restarts", "untrained")
 SNAPSHOTS = ("channel", "unit")
+SCORES = reference.SCORES
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class PBConfig:
     stats_momentum: float = reference.STATS_MOMENTUM
     snapshot_threshold: float = reference.SNAPSHOT_THRESHOLD
     snapshot: str = "channel"
+    # what a candidate's score C_c normalises the covariance cov(v_c, e_c) by: std(e_c)
+    # ("covariance") or std(v_c) std(e_c) ("pearson"); the candidates' gradient is the
+    # covariance's either way
+    score: str = "covariance"
     candidate_scale: float | None = 0.01  # candidates drawn N(0, 1) x this; None: conv init
     train_old_alphas: bool = True       # neuron phase: every alpha trains (else the newest)
     control: str = "none"               # "restarts" / "untrained": controls (see CONTROLS)
@@ -54,6 +59,8 @@ class PBConfig:
             bad("control", f"one of {CONTROLS}")
         if self.snapshot not in SNAPSHOTS:
             bad("snapshot", f"one of {SNAPSHOTS}")
+        if self.score not in SCORES:
+            bad("score", f"one of {SCORES}")
         v = self.candidate_scale
         if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)
                               or not 0 < v < math.inf):

@@ -256,6 +256,7 @@ class PerforatedBackprop:
             u.warmup_batches, u.stats_momentum = cfg.warmup_batches, cfg.stats_momentum
             u.snapshot_threshold = cfg.snapshot_threshold
             u.per_channel_snapshots = cfg.snapshot == "channel"
+            u.pearson_score = cfg.score == "pearson"
             u.candidate_scale = cfg.candidate_scale
             alphas = list(u.dendrite_alpha)
             for i, a in enumerate(alphas):

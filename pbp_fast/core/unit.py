@@ -67,6 +67,7 @@ class DendriticUnit(nn.Module):
     stats_momentum: float = reference.STATS_MOMENTUM
     snapshot_threshold: float = reference.SNAPSHOT_THRESHOLD
     per_channel_snapshots: bool = False
+    pearson_score: bool = False
     candidate_scale: float | None = None  # None: initialised like the main conv
 
     def __init__(self, main: tuple[str, nn.Module], bn: nn.Module | None, conv_kw: dict):
@@ -189,7 +190,7 @@ class DendriticUnit(nn.Module):
         """C_c (per output channel) from the running statistics."""
         if not self.has_candidate:
             raise RuntimeError("candidate_correlation: this unit has no candidate")
-        return self.candidate.correlation()
+        return self.candidate.correlation(self.pearson_score)
 
     def update_candidate(self, stats, n, grads=None) -> None:
         """Fold one batch's candidate-pass sums ``stats`` over ``n`` positions into the
@@ -199,7 +200,7 @@ class DendriticUnit(nn.Module):
             self.candidate.accumulate_grad(grads)
         self.candidate.update(stats, n, warmup_batches=self.warmup_batches,
                               momentum=self.stats_momentum, threshold=self.snapshot_threshold,
-                              backend=self.backend)
+                              pearson=self.pearson_score, backend=self.backend)
 
     def _candidate_output(self, x, z):
         """y (the trained dendrites added to z) through :class:`_CandidateTap`, so that the
@@ -322,6 +323,10 @@ class DendriticUnit(nn.Module):
             self._set_dendrites(torch.zeros((d,) + self._weight_shape, **like),
                                 torch.zeros(d, c, **like), torch.zeros(d, d, c, **like),
                                 [torch.zeros(c, **like) for _ in range(d)])
+        stats = state_dict.get(prefix + "candidate.stats")
+        if stats is not None and stats.shape[0] == 4:  # saved before the running mean of v v:
+            # v's variance is unknown; 0 (mean_vv = mean_v^2) until the EMA fills it in
+            state_dict[prefix + "candidate.stats"] = torch.cat([stats, stats[:1] ** 2])
         has = prefix + "candidate.weight" in state_dict
         best = state_dict.get(prefix + "candidate.best_score")
         per_channel = has and best is not None and best.dim() == 1

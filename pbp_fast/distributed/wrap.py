@@ -68,7 +68,7 @@ def wrap(model: nn.Module, *, group=None, **ddp_kwargs) -> nn.Module:
 class CandidateSync:
     """The candidates of one wrapped model, kept identical across the ranks of ``group``.
 
-    Each unit's backward calls :meth:`add` with its batch sums (4, C), its number of
+    Each unit's backward calls :meth:`add` with its batch sums (5, C), its number of
     positions n and its candidate gradients; the first call of a backward pass queues
     :meth:`_reduce` to run when that pass ends.  There one all-reduce sums, per unit, the sums,
     n and n x gradients over the ranks (a unit that did not run on a rank adds zeros), and every
@@ -114,7 +114,7 @@ class CandidateSync:
     def _reduce(self) -> None:
         pending, self._pending, self._task = self._pending, {}, None
         like = next(iter(pending.values()))
-        sizes = [[4 * u.out_channels, 1] + [p.numel() for p in u.candidate_parameters()]
+        sizes = [[u.candidate.stats.numel(), 1] + [p.numel() for p in u.candidate_parameters()]
                  for u in self.units]
         flat = torch.cat([pending[u] if u in pending else like.new_zeros(sum(s))
                           for u, s in zip(self.units, sizes)])
@@ -122,4 +122,5 @@ class CandidateSync:
         for u, s, chunk in zip(self.units, sizes, flat.split([sum(s) for s in sizes])):
             stats, n, *grads = chunk.split(s)
             n = n[0]
-            u.update_candidate(stats.view(4, -1), n, [g / n.clamp_min(1) for g in grads])
+            u.update_candidate(stats.view_as(u.candidate.stats), n,
+                               [g / n.clamp_min(1) for g in grads])

@@ -2,7 +2,7 @@
 bookkeeping (docs/design.md, "The dendrite phase").
 
     candidate_pass       v = sigmoid(conv(x~; W_c, b_c) + sum_j kappa_c[j] s_j); the batch's
-                         per-channel sums of (v, e, v e, e e) and the gradients of
+                         per-channel sums of (v, e, v e, e e, v v) and the gradients of
                          L_c = -sum sign(C_c) (e - mean_e_c) v / n
     candidate_objective  (mean_e, sign C) from the running means
     candidate_update     fold a batch's sums into the running means; raise the best score
@@ -27,8 +27,8 @@ def candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, *, stride=1, pa
     From the unit input ``x``, the candidate's ``weight``/``bias``, its ``cascade`` (D, Cout)
     weights on the unit's trained dendrite activations ``s`` (D, N, Cout, Ho, Wo), the unit's error
     ``e`` = dL/dy, the running ``mean_e`` (Cout,) and ``sign`` = sign(C) (Cout,), returns
-    ``(stats, grad_weight, grad_bias, grad_cascade)``: stats (4, Cout) float32 rows
-    (sum v, sum e, sum v*e, sum e*e) and the gradients of L_c = -sum sign (e - mean_e) v / n."""
+    ``(stats, grad_weight, grad_bias, grad_cascade)``: stats (5, Cout) float32 rows
+    (sum v, sum e, sum v*e, sum e*e, sum v*v) and the gradients of L_c = -sum sign (e - mean_e) v / n."""
     checks.input_x(x)
     checks.tensor(weight, "weight", 4)
     c_out = weight.shape[0]
@@ -60,9 +60,9 @@ def candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, *, stride=1, pa
 
 
 def candidate_objective(mean, dtype, *, backend="auto"):
-    """``(mean_e, sign)`` in ``dtype`` from a candidate's running means ``mean`` (4, Cout)
-    float64 of (v, e, v*e, e*e): what :func:`candidate_pass` takes."""
-    checks.state(mean, "mean", (4, None))
+    """``(mean_e, sign)`` in ``dtype`` from a candidate's running means ``mean`` (5, Cout)
+    float64 of (v, e, v*e, e*e, v*v): what :func:`candidate_pass` takes."""
+    checks.state(mean, "mean", (5, None))
     if dtype not in checks.FLOATS:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     backend = state_backend(backend, mean)
@@ -74,15 +74,16 @@ def candidate_objective(mean, dtype, *, backend="auto"):
 def candidate_update(mean, count, batches, best_score, sums, n, *,
                      warmup_batches=reference.WARMUP_BATCHES,
                      momentum=reference.STATS_MOMENTUM,
-                     threshold=reference.SNAPSHOT_THRESHOLD, backend="auto"):
+                     threshold=reference.SNAPSHOT_THRESHOLD, pearson=False, backend="auto"):
     """One batch's bookkeeping of a candidate, in place (``reference.candidate_update``): fold
-    the batch's ``sums`` (4, Cout) over ``n`` positions (a number or a 0-dim tensor) into the
-    running means ``mean`` (4, Cout), ``count`` and ``batches``, and raise ``best_score`` to the
+    the batch's ``sums`` (5, Cout) over ``n`` positions (a number or a 0-dim tensor) into the
+    running means ``mean`` (5, Cout), ``count`` and ``batches``, and raise ``best_score`` to the
     score when it beats it.  All state tensors are float64 (``count`` and ``batches`` 0-dim).
-    ``best_score`` 0-dim scores the unit (sum_c |C_c|), (Cout,) each channel (|C_c|).  Returns
+    ``best_score`` 0-dim scores the unit (sum_c |C_c|), (Cout,) each channel (|C_c|); C_c is
+    Pearson's r with ``pearson``, else cov / std(e) (``reference.correlation``).  Returns
     that decision as a bool tensor of ``best_score``'s shape (snapshot the candidate's weights
     where it holds).  No host synchronisation."""
-    checks.state(mean, "mean", (4, None))
+    checks.state(mean, "mean", (5, None))
     for name, t in (("count", count), ("batches", batches)):
         checks.state(t, name, ())
     checks.tensor(best_score, "best_score")
@@ -100,20 +101,21 @@ def candidate_update(mean, count, batches, best_score, sums, n, *,
     backend = state_backend(backend, mean)
     if backend == "reference":
         *new, better = reference.candidate_update(mean, count, batches, best_score, sums, n,
-                                                  warmup_batches, momentum, threshold)
+                                                  warmup_batches, momentum, threshold,
+                                                  bool(pearson))
         for buf, value in zip((mean, count, batches, best_score), new):
             buf.copy_(value)
         return better
     return fused("candidate_update", backend)(mean, count, batches, best_score, sums, n,
                                               int(warmup_batches), float(momentum),
-                                              float(threshold))
+                                              float(threshold), bool(pearson))
 
 
 # -- what every backend's registered ops share -------------------------------------------------
 def _fake_pass(x, weight, bias, cascade, s, e, mean_e, sign, stride, padding, dilation, groups):
     c = weight.shape[0]
     d = 0 if cascade is None else cascade.shape[0]
-    return (x.new_empty((4, c), dtype=torch.float32),
+    return (x.new_empty((5, c), dtype=torch.float32),
             empty_like_layout(weight.shape, weight, False), weight.new_empty(c),
             weight.new_empty((d, c)))
 
@@ -123,7 +125,8 @@ def _fake_objective(mean, dtype):
     return mean.new_empty(c, dtype=dtype), mean.new_empty(c, dtype=dtype)
 
 
-def _fake_update(mean, count, batches, best_score, sums, n, warmup_batches, momentum, threshold):
+def _fake_update(mean, count, batches, best_score, sums, n, warmup_batches, momentum, threshold,
+                 pearson):
     return best_score.new_empty(best_score.shape, dtype=torch.bool)
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-STAT_NAMES = ("v", "e", "ve", "ee")  # rows of the per-channel candidate statistics
+STAT_NAMES = ("v", "e", "ve", "ee", "vv")  # rows of the per-channel candidate statistics
+SCORES = ("covariance", "pearson")  # what a candidate's score normalises the covariance by
 
 # The candidate bookkeeping's defaults (the one source of them; PBConfig's fields of the same
 # names say what they mean).
@@ -69,12 +70,12 @@ def candidate_activation(x, weight, bias, cascade, s, stride, padding, dilation,
 
 
 def candidate_stats(v, e):
-    """Per-channel sums over batch and space: rows (sum v, sum e, sum v*e, sum e*e), float32
-    (accumulated in float64)."""
+    """Per-channel sums over batch and space: rows (sum v, sum e, sum v*e, sum e*e, sum v*v),
+    float32 (accumulated in float64)."""
     dims = [0] + list(range(2, v.dim()))
     v64, e64 = v.double(), e.double()
     return torch.stack([v64.sum(dims), e64.sum(dims), (v64 * e64).sum(dims),
-                        (e64 * e64).sum(dims)]).float()
+                        (e64 * e64).sum(dims), (v64 * v64).sum(dims)]).float()
 
 
 def candidate_grad_v(e, mean_e, sign):
@@ -86,7 +87,7 @@ def candidate_grad_v(e, mean_e, sign):
 def candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, stride=1, padding=0,
                    dilation=1, groups=1):
     """One candidate's statistics and weight gradients for one batch.
-    Returns (stats (4, Cout) float32, grad_weight, grad_bias (Cout,), grad_cascade (D, Cout))."""
+    Returns (stats (5, Cout) float32, grad_weight, grad_bias (Cout,), grad_cascade (D, Cout))."""
     w = weight.detach().requires_grad_()
     b = (torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
          if bias is None else bias.detach()).requires_grad_()
@@ -103,43 +104,50 @@ def candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, stride=1, paddi
 
 def update_running_stats(mean, count, batches, sums, n, warmup_batches=WARMUP_BATCHES,
                          momentum=STATS_MOMENTUM):
-    """Running per-channel means of (v, e, v*e, e*e): cumulative for the first ``warmup_batches``
-    batches, then an exponential moving average with ``momentum``.  All tensors (no host sync):
-    ``mean`` (4, C) float64, ``count`` and ``batches`` 0-dim float64.  Returns the new triple."""
+    """Running per-channel means of (v, e, v*e, e*e, v*v): cumulative for the first
+    ``warmup_batches`` batches, then an exponential moving average with ``momentum``.  All
+    tensors (no host sync): ``mean`` (5, C) float64, ``count`` and ``batches`` 0-dim float64.  Returns the new triple."""
     batch_mean = sums.double() / n
     w = torch.where(batches < warmup_batches, n / (count + n),
                     torch.full_like(count, 1.0 - momentum))
     return mean + w * (batch_mean - mean), count + n, batches + 1
 
 
-def correlation(mean, eps=1e-12):
-    """C_c = mean((v - mean_v)(e - mean_e)) / std(e_c) from the running means (4, C)."""
-    m_v, m_e, m_ve, m_ee = mean
-    return (m_ve - m_v * m_e) / torch.sqrt((m_ee - m_e * m_e).clamp_min(0) + eps)
+def correlation(mean, pearson=False, eps=1e-12):
+    """C_c = cov(v_c, e_c) / std(e_c) from the running means (5, C) of (v, e, v e, e e, v v);
+    with ``pearson`` also divided by std(v_c): Pearson's r, which a candidate cannot raise by
+    spreading its output.  (Only the score is normalised: the candidate's gradient is the
+    covariance's either way.)"""
+    m_v, m_e, m_ve, m_ee, m_vv = mean
+    den = (m_ee - m_e * m_e).clamp_min(0) + eps
+    if pearson:
+        den = den * ((m_vv - m_v * m_v).clamp_min(0) + eps)
+    return (m_ve - m_v * m_e) / torch.sqrt(den)
 
 
 def candidate_objective(mean, dtype):
-    """What one batch's candidate pass needs from the running means (4, C): ``(mean_e, sign)``,
+    """What one batch's candidate pass needs from the running means (5, C): ``(mean_e, sign)``,
     the error's running mean and sign(C_c) (+1 where C_c >= 0, else -1), in ``dtype``."""
     sign = torch.where(correlation(mean) >= 0, 1.0, -1.0)
     return mean[1].to(dtype), sign.to(dtype)
 
 
 def candidate_update(mean, count, batches, best_score, sums, n, warmup_batches=WARMUP_BATCHES,
-                     momentum=STATS_MOMENTUM, threshold=SNAPSHOT_THRESHOLD):
-    """One batch's bookkeeping of a candidate: fold its sums (4, C) over ``n`` positions into
+                     momentum=STATS_MOMENTUM, threshold=SNAPSHOT_THRESHOLD, pearson=False):
+    """One batch's bookkeeping of a candidate: fold its sums (5, C) over ``n`` positions into
     the running means (:func:`update_running_stats`) unless the batch is empty or not finite
     (e.g. an overflowing mixed-precision step: the state stays as it was), then score it and
     decide whether the score beats ``best_score`` by more than ``threshold`` (relative) after
     the warm-up batches.  A 0-dim ``best_score`` scores the unit, sum_c |C_c|; a (C,) one
     scores each channel, |C_c|, and decides per channel (a channel's output depends only on its
-    own weights, so each channel's snapshot can be taken on its own).  Returns the new
+    own weights, so each channel's snapshot can be taken on its own); ``pearson``: C_c is
+    Pearson's r (:func:`correlation`).  Returns the new
     ``(mean, count, batches, best_score, better)``, ``better`` of ``best_score``'s shape."""
     new = update_running_stats(mean, count, batches, sums, n, warmup_batches, momentum)
     ok = torch.isfinite(sums).all() & (n > 0)
     mean, count, batches = (torch.where(ok, v, old) for v, old in
                             zip(new, (mean, count, batches)))
-    score = correlation(mean).abs()
+    score = correlation(mean, pearson).abs()
     if best_score.dim() == 0:
         score = score.sum()
     better = (batches >= warmup_batches) & (score > best_score * (1.0 + threshold))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from pbp_fast.core.config import CONTROLS, SNAPSHOTS
+from pbp_fast.core.config import CONTROLS, SCORES, SNAPSHOTS
 from pbp_fast.deploy.distill import add_distill_args
 from pbp_fast.recipe import augment as aug
 from pbp_fast.recipe import models
@@ -102,6 +102,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "are averaged before any snapshot", type=int)
     add(g, "--pb-snapshot", "pb_snapshot", "keep each candidate channel's best weights "
         "(channel) or the best candidate as a whole (unit)", choices=SNAPSHOTS)
+    add(g, "--pb-score", "pb_score", "a candidate's score: its covariance with the error over "
+        "the error's spread (covariance) or Pearson's r (pearson)", choices=SCORES)
     add(g, "--pb-candidate-scale", "pb_candidate_scale", "candidates start as N(0, 1) x this "
         "('none': the layer's default initialisation)", type=_float_or_none)
     add(g, "--pb-train-old-alphas", "pb_train_old_alphas", "neuron phases train every "
