@@ -28,7 +28,8 @@ def candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, *, stride=1, pa
     weights on the unit's trained dendrite activations ``s`` (D, N, Cout, Ho, Wo), the unit's error
     ``e`` = dL/dy, the running ``mean_e`` (Cout,) and ``sign`` = sign(C) (Cout,), returns
     ``(stats, grad_weight, grad_bias, grad_cascade)``: stats (5, Cout) float32 rows
-    (sum v, sum e, sum v*e, sum e*e, sum v*v) and the gradients of L_c = -sum sign (e - mean_e) v / n."""
+    (sum v, sum e, sum v*e, sum e*e, sum v*v) and the gradients of
+    L_c = -sum sign (e - mean_e) v / n."""
     checks.input_x(x)
     checks.tensor(weight, "weight", 4)
     c_out = weight.shape[0]

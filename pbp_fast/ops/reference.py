@@ -106,7 +106,8 @@ def update_running_stats(mean, count, batches, sums, n, warmup_batches=WARMUP_BA
                          momentum=STATS_MOMENTUM):
     """Running per-channel means of (v, e, v*e, e*e, v*v): cumulative for the first
     ``warmup_batches`` batches, then an exponential moving average with ``momentum``.  All
-    tensors (no host sync): ``mean`` (5, C) float64, ``count`` and ``batches`` 0-dim float64.  Returns the new triple."""
+    tensors (no host sync): ``mean`` (5, C) float64, ``count`` and ``batches`` 0-dim float64.
+    Returns the new triple."""
     batch_mean = sums.double() / n
     w = torch.where(batches < warmup_batches, n / (count + n),
                     torch.full_like(count, 1.0 - momentum))
