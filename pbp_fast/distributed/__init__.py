@@ -12,10 +12,10 @@ What stays identical on every rank, and how:
 - Dendrite phase: everything but the candidates is frozen and the candidates' gradients come
   from the units' candidate passes in the backward, not from the loss's gradient, so DDP's
   reduction does not apply: ``wrap`` returns the model itself and attaches a
-  :class:`CandidateSync` to its units.  Each unit's backward hands
-  its batch sums (v, e, v e, e e, v v per channel), its position count and its candidate
-  gradients to it; at the end of the backward pass one all-reduce combines those of all units and ranks, and
-  every unit applies the same update (running statistics, ``.grad``, snapshot) on every rank.
+  :class:`CandidateSync` to its units.  Each unit's backward hands its batch sums (v, e, v e,
+  e e, v v per channel), its position count and its candidate gradients to it; at the end of
+  the backward pass one all-reduce combines those of all units and ranks, and every unit
+  applies the same update (running statistics, ``.grad``, snapshot) on every rank.
   The objective is DDP's, the mean of the ranks' losses, so a unit's error is its local
   dL/dy divided by the world size: with equal shards the statistics and gradients are those of
   one process on the whole batch.
