@@ -10,7 +10,8 @@ runs the fused candidate pass on it,
 and :meth:`Candidate.update` folds the batch's per-channel sums of (v, e, v e, e e, v v) into
 the running means (cumulative for ``warmup_batches`` batches, then an EMA with ``momentum``),
 scores |C_c| (per channel, or summed over the unit; Pearson's r with ``pearson``) and
-snapshots the weights whenever the score beats the best by more than ``threshold`` (relative).  Both are tensor ops on the device: no host synchronisation.
+snapshots the weights whenever the score beats the best by more than ``threshold`` (relative).
+Both are tensor ops on the device: no host synchronisation.
 """
 from __future__ import annotations
 
