@@ -200,7 +200,7 @@ def test_train_old_alphas_and_max_dendrites_zero():
     ("improvement_threshold", -0.1), ("improvement_threshold_abs", math.inf),
     ("stats_momentum", 1.0), ("snapshot_threshold", "0.1"), ("warmup_batches", -1),
     ("train_old_alphas", None), ("control", "alpha0"), ("snapshot", "layer"),
-    ("candidate_scale", 0.0), ("candidate_scale", math.nan), ("score", "r")])
+    ("candidate_scale", 0.0), ("candidate_scale", math.nan), ("score", "r"), ("candidate_bn", 1)])
 def test_config_is_validated(field, value):
     with pytest.raises(ValueError, match=field):
         PBConfig(**{field: value})
@@ -308,7 +308,10 @@ def test_candidate_settings_reach_the_units():
     pb = pbp.PerforatedBackprop(_model(), n_patience=1, score="pearson")
     _feed(pb, [0.5, 0.5])
     unit = pb.model[0]
-    assert unit.pearson_score
+    assert unit.pearson_score and not unit.candidate.bn
+    pb = pbp.PerforatedBackprop(_model(), n_patience=1, candidate_bn=True)
+    _feed(pb, [0.5, 0.5])
+    assert pb.model[0].candidate.bn and pb.model[0].candidate_bn
     unit.candidate.stats.copy_(torch.tensor([[0.5], [0.1], [0.2], [1.0], [0.5]],
                                             dtype=torch.float64).expand(5, 4))
     want = (0.2 - 0.05) / (0.99 ** 0.5 * 0.25 ** 0.5)  # cov / (std e std v)

@@ -500,3 +500,71 @@ def test_dendrite_phase_compiles_fullgraph_and_matches_eager(backend, compiler):
     assert eager.keys() == comp.keys()
     for k in eager:
         torch.testing.assert_close(comp[k], eager[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+# -- a BatchNorm inside the candidate (PBConfig.candidate_bn) ----------------------------------
+def test_candidate_pass_bn_is_the_gradient_through_a_training_batchnorm():
+    """reference.candidate_pass_bn against nn.BatchNorm2d in training mode written out: the
+    gradients of every parameter (through the batch statistics) and the batch statistics that
+    the running ones average."""
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    x, e = torch.randn(3, 4, 6, 6, **f64), torch.randn(3, 5, 6, 6, **f64)
+    w, b = torch.randn(5, 4, 3, 3, **f64), torch.randn(5, **f64)
+    casc, s = torch.randn(1, 5, **f64), torch.rand(1, 3, 5, 6, 6, **f64)
+    mean_e, sign = e.mean((0, 2, 3)), torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0], **f64)
+    bn = nn.BatchNorm2d(5, momentum=1.0).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+    params = [t.clone().requires_grad_() for t in (w, b, casc)]
+    v = torch.sigmoid(bn(F.conv2d(x, params[0], params[1], padding=1))
+                      + params[2].view(1, 5, 1, 1) * s[0])
+    n = 3 * 36
+    (-(sign.view(1, -1, 1, 1) * (e - mean_e.view(1, -1, 1, 1)) * v).sum() / n).backward()
+    out = reference.candidate_pass_bn(x, w, b, casc, s, e, mean_e, sign, bn.weight.detach(),
+                                      bn.bias.detach(), bn.eps, padding=1)
+    stats, gw, gb, gc, gg, gbeta, mean, var = out
+    for got, want in zip((gw, gb, gc, gg, gbeta), (*[p.grad for p in params], bn.weight.grad,
+                                                   bn.bias.grad)):
+        torch.testing.assert_close(got, want)
+    assert gb.abs().max() < 1e-12  # a bias before a BatchNorm has no effect
+    torch.testing.assert_close(mean, bn.running_mean)  # momentum 1: the batch's own
+    torch.testing.assert_close(var, bn.running_var)
+    torch.testing.assert_close(stats[0].double(), v.detach().sum((0, 2, 3)))
+
+
+def test_candidate_with_batchnorm_trains_and_is_adopted_folded():
+    """A unit whose candidate has a BatchNorm: its parameters train, its running statistics
+    follow the batches, the snapshot includes them, and the adopted dendrite is the candidate
+    with its BatchNorm in eval mode, folded into the conv; checkpoints keep all of it."""
+    unit, x = _candidate_unit(d=1)
+    unit.candidate_bn, unit.warmup_batches = True, 0
+    unit.start_candidate()
+    cand = unit.candidate
+    assert cand.bn and {"bn_weight", "bn_bias"} <= {n for n, _ in cand.named_parameters()}
+    for p in unit.candidate_parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(unit.candidate_parameters(), lr=10.0)
+    for _ in range(3):
+        opt.zero_grad()
+        unit(x).square().sum().backward()
+        assert cand.bn_weight.grad is not None and cand.bn_weight.grad.abs().sum() > 0
+        opt.step()
+    assert not torch.equal(cand.bn_mean, torch.zeros_like(cand.bn_mean))
+    assert float(cand.best_score) > 0  # a snapshot, of the BatchNorm's statistics too
+    assert not torch.equal(cand.best_bn_var, torch.ones_like(cand.best_bn_var))
+    state = copy.deepcopy(unit.state_dict())
+    conv, bn, _ = _unit("dense3x3", seed=5)
+    fresh = DendriticConv2d(conv, bn)
+    assert not fresh.load_state_dict(state).missing_keys and fresh.candidate.bn
+    w, b, c, g, beta, mean, var = (getattr(cand, "best_" + n) for n in
+                                   ("weight", "bias", "cascade", "bn_weight", "bn_bias",
+                                    "bn_mean", "bn_var"))
+    unit.adopt_candidate()
+    s_prev = reference.dendrite_activations(x, unit.dendrite_weight[:1], unit.dendrite_bias[:1],
+                                            None, **unit._conv_kw)[0]
+    want = torch.sigmoid(F.batch_norm(F.conv2d(x, w, b, **unit._conv_kw), mean, var, g, beta,
+                                      False, 0.0, 1e-5) + c.view(1, -1, 1, 1) * s_prev)
+    got = reference.dendrite_activations(x, unit.dendrite_weight, unit.dendrite_bias,
+                                         unit.dendrite_cascade, **unit._conv_kw)[1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

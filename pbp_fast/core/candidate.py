@@ -24,6 +24,9 @@ from pbp_fast.ops import reference
 __all__ = ["Candidate"]
 
 _WEIGHTS = ("weight", "bias", "cascade")
+_BN = ("bn_weight", "bn_bias")        # with ``bn``: the BatchNorm's affine parameters ...
+_BN_STATS = ("bn_mean", "bn_var")     # ... and running statistics
+BN_EPS, BN_MOMENTUM = 1e-5, 0.1       # nn.BatchNorm2d's
 
 
 def _accumulate_grad(p, g):
@@ -44,26 +47,42 @@ class Candidate(nn.Module):
     v e, e e, v v), ``count`` and ``batches`` (positions and batches seen), the snapshot
     ``best_weight``/``best_bias``/``best_cascade`` and its ``best_score``: 0-dim (one snapshot
     of the whole candidate, scored by sum_c |C_c|), or with ``per_channel`` (Cout,) (each
-    output channel's weights snapshotted when its own |C_c| improves)."""
+    output channel's weights snapshotted when its own |C_c| improves).
+
+    With ``bn`` a BatchNorm sits between the conv and the sigmoid, as in a copy of a conv+BN
+    unit: parameters ``bn_weight``/``bn_bias`` (Cout,) and running statistics
+    ``bn_mean``/``bn_var`` (snapshotted with the rest).  It trains on batch statistics
+    (``reference.candidate_pass_bn``); :meth:`best` folds its frozen running statistics into
+    the conv, so the adopted dendrite is a plain conv on every path."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, cascade: torch.Tensor,
-                 per_channel: bool = False):
+                 per_channel: bool = False, bn: bool = False):
         super().__init__()
         c = weight.shape[0]
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias)
         self.cascade = nn.Parameter(cascade)
+        self._names = _WEIGHTS + (_BN + _BN_STATS if bn else ())
+        if bn:
+            self.bn_weight = nn.Parameter(torch.ones_like(bias))
+            self.bn_bias = nn.Parameter(torch.zeros_like(bias))
+            self.register_buffer("bn_mean", torch.zeros_like(bias))
+            self.register_buffer("bn_var", torch.ones_like(bias))
         f64 = dict(dtype=torch.float64, device=weight.device)
         self.register_buffer("stats", torch.zeros(len(reference.STAT_NAMES), c, **f64))
         self.register_buffer("count", torch.zeros((), **f64))
         self.register_buffer("batches", torch.zeros((), **f64))
-        for name in _WEIGHTS:
+        for name in self._names:
             self.register_buffer("best_" + name, getattr(self, name).detach().clone())
         self.register_buffer("best_score", torch.zeros((c,) if per_channel else (), **f64))
 
     @property
     def per_channel(self) -> bool:
         return self.best_score.dim() == 1
+
+    @property
+    def bn(self) -> bool:
+        return "bn_weight" in self._names
 
     def score(self) -> torch.Tensor:
         """The best score of the candidate as a whole (0-dim): sum_c of the channels' best
@@ -83,10 +102,16 @@ class Candidate(nn.Module):
         return reference.correlation(self.stats, pearson)
 
     def best(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(weight, bias, cascade) of the best snapshot, or the current ones if none was taken."""
+        """(weight, bias, cascade) of the best snapshot, or the current ones if none was taken;
+        with ``bn`` the BatchNorm (its running statistics) folded into the weight and bias."""
         took = self.best_score > 0
-        return tuple(self._where(n, took, getattr(self, "best_" + n), getattr(self, n)).detach()
-                     for n in _WEIGHTS)
+        w, b, c, *bn = (self._where(n, took, getattr(self, "best_" + n), getattr(self, n))
+                        .detach() for n in self._names)
+        if bn:
+            gamma, beta, mean, var = bn
+            scale = gamma * torch.rsqrt(var + BN_EPS)
+            w, b = w * scale.view(-1, *([1] * (w.dim() - 1))), (b - mean) * scale + beta
+        return w, b, c
 
     @torch.no_grad()
     def pass_(self, x, s, e, conv_kw: dict, *, backend="auto", world_size: int = 1):
@@ -103,9 +128,19 @@ class Candidate(nn.Module):
         fmt = torch.channels_last if ops.is_channels_last(x) else torch.contiguous_format
         e = e.to(dt).contiguous(memory_format=fmt)
         d = self.cascade.shape[0]
-        stats, gw, gb, gc = ops.candidate_pass(
-            x, _as(self.weight, dt), _as(self.bias, dt), _as(self.cascade, dt) if d else None,
-            s if d else None, e, mean_e, sign, **conv_kw, backend=backend)
+        args = (x, _as(self.weight, dt), _as(self.bias, dt),
+                _as(self.cascade, dt) if d else None, s if d else None, e, mean_e, sign)
+        if self.bn:
+            if world_size > 1:
+                raise NotImplementedError("a candidate with a BatchNorm (PBConfig.candidate_bn) "
+                                          "under torch.distributed: its statistics would "
+                                          "differ between ranks")
+            stats, *grads, mean, var = reference.candidate_pass_bn(
+                *args, _as(self.bn_weight, dt), _as(self.bn_bias, dt), BN_EPS, **conv_kw)
+            self.bn_mean.lerp_(mean.to(self.bn_mean.dtype), BN_MOMENTUM)
+            self.bn_var.lerp_(var.to(self.bn_var.dtype), BN_MOMENTUM)
+            return stats, e.numel() // e.shape[1], tuple(grads)
+        stats, gw, gb, gc = ops.candidate_pass(*args, **conv_kw, backend=backend)
         if world_size > 1:  # rows (v, e, v e, e e, v v) of the sums, for the error e / w
             stats[1:3] /= world_size
             stats[3] /= world_size ** 2
@@ -122,18 +157,19 @@ class Candidate(nn.Module):
                                       stats, n, warmup_batches=warmup_batches,
                                       momentum=momentum, threshold=threshold, pearson=pearson,
                                       backend=backend)
-        for name in _WEIGHTS:
+        for name in self._names:
             best = getattr(self, "best_" + name)
             self._where(name, better, getattr(self, name), best, out=best)
 
     @torch.no_grad()
     def accumulate_grad(self, grads) -> None:
-        """Add ``(grad_weight, grad_bias, grad_cascade)`` to the parameters' ``.grad``."""
-        for name, g in zip(_WEIGHTS, grads):
+        """Add ``(grad_weight, grad_bias, grad_cascade[, grad_bn_weight, grad_bn_bias])`` to
+        the parameters' ``.grad`` (None: nothing to add)."""
+        for name, g in zip(self._names, grads):
             p = getattr(self, name)
-            if p.numel():
+            if g is not None and p.numel():
                 _accumulate_grad(p, g)
 
     def extra_repr(self) -> str:
         return (f"out_channels={self.weight.shape[0]}, cascade={self.cascade.shape[0]}, "
-                f"per_channel={self.per_channel}")
+                f"per_channel={self.per_channel}, bn={self.bn}")

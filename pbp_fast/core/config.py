@@ -43,6 +43,7 @@ class PBConfig:
     # covariance's either way
     score: str = "covariance"
     candidate_scale: float | None = 0.01  # candidates drawn N(0, 1) x this; None: conv init
+    candidate_bn: bool = False          # a BatchNorm between a candidate's conv and sigmoid
     train_old_alphas: bool = True       # neuron phase: every alpha trains (else the newest)
     control: str = "none"               # "restarts" / "untrained": controls (see CONTROLS)
 
@@ -50,7 +51,7 @@ class PBConfig:
         def bad(name, want):
             raise ValueError(f"PBConfig.{name} must be {want}, got {getattr(self, name)!r}")
 
-        for name in ("maximize", "train_old_alphas"):
+        for name in ("maximize", "train_old_alphas", "candidate_bn"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "a bool")
         if self.switch_mode not in ("patience", "fixed"):

@@ -257,6 +257,7 @@ class PerforatedBackprop:
             u.snapshot_threshold = cfg.snapshot_threshold
             u.per_channel_snapshots = cfg.snapshot == "channel"
             u.pearson_score = cfg.score == "pearson"
+            u.candidate_bn = cfg.candidate_bn
             u.candidate_scale = cfg.candidate_scale
             alphas = list(u.dendrite_alpha)
             for i, a in enumerate(alphas):

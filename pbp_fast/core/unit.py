@@ -68,6 +68,7 @@ class DendriticUnit(nn.Module):
     snapshot_threshold: float = reference.SNAPSHOT_THRESHOLD
     per_channel_snapshots: bool = False
     pearson_score: bool = False
+    candidate_bn: bool = False
     candidate_scale: float | None = None  # None: initialised like the main conv
 
     def __init__(self, main: tuple[str, nn.Module], bn: nn.Module | None, conv_kw: dict):
@@ -155,15 +156,16 @@ class DendriticUnit(nn.Module):
                             [a.detach() for a in self.dendrite_alpha] + [torch.zeros(c, **like)])
 
     # -- candidate -----------------------------------------------------------------------------
-    def _set_candidate(self, weight, bias, cascade, per_channel):
+    def _set_candidate(self, weight, bias, cascade, per_channel, bn=False):
         like = self._like()
         self.candidate = Candidate(weight.to(**like), bias.to(**like), cascade.to(**like),
-                                   per_channel)
+                                   per_channel, bn)
 
     def start_candidate(self) -> None:
         """Create a fresh candidate with zeroed running statistics: weight and bias drawn as
         N(0, 1) x ``candidate_scale`` (as the reference implementation does), or like the main
-        conv when that is None; the cascade 0.  Drawn in float32 on the CPU from the global
+        conv when that is None; the cascade 0; with ``candidate_bn`` a BatchNorm after its
+        conv (gamma 1, beta 0).  Drawn in float32 on the CPU from the global
         generator, so that it does not depend on the device."""
         if self.candidate_scale is None:
             w, b = _conv_init(self._weight_shape)
@@ -171,7 +173,7 @@ class DendriticUnit(nn.Module):
             w = torch.randn(self._weight_shape) * self.candidate_scale
             b = torch.randn(self.out_channels) * self.candidate_scale
         self._set_candidate(w, b, torch.zeros(self.num_dendrites, self.out_channels),
-                            self.per_channel_snapshots)
+                            self.per_channel_snapshots, self.candidate_bn)
 
     def drop_candidate(self) -> None:
         self.candidate = None
@@ -230,7 +232,9 @@ class DendriticUnit(nn.Module):
             world_size=1 if sync is None else sync.world_size)
         if sync is None:
             self.update_candidate(stats, n)
-            return grads
+            if len(grads) > 3:  # the BatchNorm's, which the tap does not carry
+                self.candidate.accumulate_grad((None, None, None, *grads[3:]))
+            return grads[:3]
         sync.add(self, stats, n, grads)
         return None
 
@@ -330,10 +334,13 @@ class DendriticUnit(nn.Module):
         has = prefix + "candidate.weight" in state_dict
         best = state_dict.get(prefix + "candidate.best_score")
         per_channel = has and best is not None and best.dim() == 1
-        if has and (not self.has_candidate or self.candidate.per_channel != per_channel):
+        bn = prefix + "candidate.bn_weight" in state_dict
+        if has and (not self.has_candidate or self.candidate.per_channel != per_channel
+                    or self.candidate.bn != bn):
             # placeholders (no random draws), filled below
             self._set_candidate(torch.zeros(self._weight_shape), torch.zeros(self.out_channels),
-                                torch.zeros(self.num_dendrites, self.out_channels), per_channel)
+                                torch.zeros(self.num_dendrites, self.out_channels), per_channel,
+                                bn)
         elif not has and self.has_candidate:
             self.drop_candidate()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,

@@ -60,13 +60,23 @@ def dendritic_conv2d(x, weight, bias, d_weight, d_bias, d_scale, d_cascade=None,
     return y, s_out
 
 
-def candidate_activation(x, weight, bias, cascade, s, stride, padding, dilation, groups):
-    """v = sigmoid(conv(x~; W_c, b_c) + sum_j kappa_c[j] * s_j)."""
-    a = F.conv2d(x.detach(), weight, bias, stride, padding, dilation, groups)
+def _candidate_forward(x, weight, bias, cascade, s, conv, norm=None):
+    """(v, the conv output a0) of :func:`candidate_activation`."""
+    a0 = F.conv2d(x.detach(), weight, bias, *conv)
+    a = a0 if norm is None else F.batch_norm(a0, None, None, norm[0], norm[1], True, 0.0, norm[2])
     if cascade is not None:
         for j in range(cascade.shape[0]):
             a = a + _ch(cascade[j], a) * s[j]
-    return torch.sigmoid(a)
+    return torch.sigmoid(a), a0
+
+
+def candidate_activation(x, weight, bias, cascade, s, stride, padding, dilation, groups,
+                         norm=None):
+    """v = sigmoid(conv(x~; W_c, b_c) + sum_j kappa_c[j] * s_j); with ``norm`` = (gamma, beta,
+    eps) the conv output is batch-normalised first, over the batch's own statistics:
+    v = sigmoid(gamma * (a0 - mean_B) / sqrt(var_B + eps) + beta + sum_j kappa_c[j] * s_j)."""
+    return _candidate_forward(x, weight, bias, cascade, s, (stride, padding, dilation, groups),
+                              norm)[0]
 
 
 def candidate_stats(v, e):
@@ -84,22 +94,45 @@ def candidate_grad_v(e, mean_e, sign):
     return -_ch(sign, e) * (e - _ch(mean_e, e)) / n
 
 
+def _candidate_grads(x, weight, bias, cascade, s, e, mean_e, sign, conv, bn=()):
+    """(stats, [grad of weight, bias, cascade, *bn], the conv output a0) of one batch."""
+    b = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device) \
+        if bias is None else bias
+    c = weight.new_zeros(0, weight.shape[0]) if cascade is None else cascade
+    params = [t.detach().requires_grad_() for t in (weight, b, c, *bn[:2])]
+    w, b, c = params[:3]
+    norm = (params[3], params[4], bn[2]) if bn else None
+    with torch.enable_grad():
+        v, a0 = _candidate_forward(x, w, b, c if c.shape[0] else None, s, conv, norm)
+        grads = torch.autograd.grad(v, params, candidate_grad_v(e, mean_e, sign),
+                                    allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    return candidate_stats(v.detach(), e), grads, a0.detach()
+
+
 def candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, stride=1, padding=0,
                    dilation=1, groups=1):
     """One candidate's statistics and weight gradients for one batch.
     Returns (stats (5, Cout) float32, grad_weight, grad_bias (Cout,), grad_cascade (D, Cout))."""
-    w = weight.detach().requires_grad_()
-    b = (torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-         if bias is None else bias.detach()).requires_grad_()
-    c = (weight.new_zeros(0, weight.shape[0]) if cascade is None
-         else cascade.detach()).requires_grad_()
-    with torch.enable_grad():
-        v = candidate_activation(x, w, b, c if c.shape[0] else None, s, stride, padding,
-                                 dilation, groups)
-        gw, gb, gc = torch.autograd.grad(v, (w, b, c), candidate_grad_v(e, mean_e, sign),
-                                         allow_unused=True)
-    gc = torch.zeros_like(c) if gc is None else gc
-    return candidate_stats(v.detach(), e), gw, gb, gc
+    stats, grads, _ = _candidate_grads(x, weight, bias, cascade, s, e, mean_e, sign,
+                                       (stride, padding, dilation, groups))
+    return stats, *grads
+
+
+def candidate_pass_bn(x, weight, bias, cascade, s, e, mean_e, sign, bn_weight, bn_bias, eps,
+                      stride=1, padding=0, dilation=1, groups=1):
+    """:func:`candidate_pass` for a candidate with a BatchNorm (``bn_weight`` gamma, ``bn_bias``
+    beta, ``eps``) between its conv and its sigmoid, trained on batch statistics as a BatchNorm
+    in training mode is (the gradients flow through them).  Returns (stats, grad_weight,
+    grad_bias, grad_cascade, grad_bn_weight, grad_bn_bias, batch mean, batch variance), the
+    last two of the conv output per channel, the variance unbiased (what a BatchNorm's running
+    variance averages)."""
+    stats, grads, a0 = _candidate_grads(x, weight, bias, cascade, s, e, mean_e, sign,
+                                        (stride, padding, dilation, groups),
+                                        (bn_weight, bn_bias, eps))
+    a0 = a0.transpose(0, 1).reshape(a0.shape[1], -1)
+    var, mean = torch.var_mean(a0, dim=1, correction=1 if a0.shape[1] > 1 else 0)
+    return stats, *grads, mean, var
 
 
 def update_running_stats(mean, count, batches, sums, n, warmup_batches=WARMUP_BATCHES,

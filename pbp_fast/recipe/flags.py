@@ -106,6 +106,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "the error's spread (covariance) or Pearson's r (pearson)", choices=SCORES)
     add(g, "--pb-candidate-scale", "pb_candidate_scale", "candidates start as N(0, 1) x this "
         "('none': the layer's default initialisation)", type=_float_or_none)
+    add(g, "--pb-candidate-bn", "pb_candidate_bn", "a BatchNorm between each candidate's conv "
+        "and its sigmoid, trained on batch statistics, folded into the dendrite when adopted",
+        action=argparse.BooleanOptionalAction)
     add(g, "--pb-train-old-alphas", "pb_train_old_alphas", "neuron phases train every "
         "dendrite's alpha (--no-pb-train-old-alphas: only the newest)",
         action=argparse.BooleanOptionalAction)
