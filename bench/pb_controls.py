@@ -13,7 +13,9 @@ Every arm of a setup has the same data, seed, recipe and device; only the PB fla
                  the reference implementation's baseline)
     pb           PB with the reference protocol to its end (plateau switches, the best model
                  restored and the schedule restarted for every stage, retries)
-    restarts     PB's stages, restores and schedule restarts, but no dendrite is ever added
+    restarts     PB's neuron stages replayed, the same lengths and so the same learning-rate
+                 schedule, the best model restored after each, but no dendrite is ever added
+                 (run after pb)
     untrained    the candidates adopted as they were drawn, without a dendrite phase
     matched      a wider network with the PB run's final parameter count (same seed), trained
                  as baseline-es (run after pb)
@@ -109,24 +111,41 @@ def arm_args(setup: str, arm: str, width: float | None = None) -> list[str]:
             *ARMS[arm]]
 
 
-def _pb_params(results: Path, setup: str, seed: int) -> int | None:
-    rec = next((r for r in load_records(results) if (r["setup"], r["arm"], r["seed"]) ==
-                (setup, "pb", seed)), None)
-    return None if rec is None else rec["params"]
+DEPENDENT = ("restarts", "matched")  # arms that need the pb run of their seed
+
+
+def _pb_record(results: Path, setup: str, seed: int) -> dict | None:
+    return next((r for r in load_records(results) if (r["setup"], r["arm"], r["seed"]) ==
+                 (setup, "pb", seed)), None)
+
+
+def stage_lengths(curve: list) -> tuple[int, ...]:
+    """The lengths of a run's neuron stages from its recorded curve: a stage's last epoch is
+    the neuron epoch with an event (or the run's last)."""
+    lengths, run = [], 0
+    for _, phase, _, event in curve:
+        if phase == "n":
+            run += 1
+            if event:
+                lengths, run = lengths + [run], 0
+    return tuple(lengths + [run] if run else lengths)
 
 
 def run_arm(setup: str, arm: str, seed: int, data: str, out: Path, results: Path,
             concurrent: int = 1, log=print) -> dict | None:
     """Train one arm for one seed (resumed if its folder holds a ``last.pt``) and record it."""
-    width = SETUPS[setup].width
-    if arm == "matched":
-        target = _pb_params(results, setup, seed)
-        if target is None:
-            log(f"!! {setup} matched seed {seed}: no pb record for this seed yet; run pb first")
+    width, replay = SETUPS[setup].width, []
+    if arm in DEPENDENT:
+        pb = _pb_record(results, setup, seed)
+        if pb is None:
+            log(f"!! {setup} {arm} seed {seed}: no pb record for this seed yet; run pb first")
             return None
-        width = matched_width(SETUPS[setup].model, width, target)
+        if arm == "matched":
+            width = matched_width(SETUPS[setup].model, width, pb["params"])
+        else:
+            replay = ["--pb-stage-epochs", ",".join(map(str, stage_lengths(pb["curve"])))]
     run_dir = out / setup / arm / f"seed{seed}"
-    args = [*arm_args(setup, arm, width), "--data", str(data), "--seed", str(seed),
+    args = [*arm_args(setup, arm, width), *replay, "--data", str(data), "--seed", str(seed),
             "--output-dir", str(run_dir), "--no-progress"]
     cfg = config_from_args(cli.build_parser().parse_args(["train", *args]))
     cfg = replace(cfg, resume=str(run_dir) if (run_dir / "last.pt").exists() else None)
@@ -263,8 +282,8 @@ def main(argv=None) -> int:
         prepare_data(args.data, args.out, None)
         shared = ["--data", args.data, "--out", str(args.out), "--results", str(args.results),
                   "--concurrent", str(args.jobs)]
-        # seed by seed, pb first (the longest); matched last (it needs pb's parameter count)
-        waves = [[a for a in arms if a != "matched"], [a for a in arms if a == "matched"]]
+        # seed by seed, pb first (the longest); then the arms that need its record
+        waves = [[a for a in arms if a not in DEPENDENT], [a for a in arms if a in DEPENDENT]]
         failed = 0
         for wave in waves:
             specs = [(f"{args.setup} {arm} seed {seed}",

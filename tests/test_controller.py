@@ -200,7 +200,8 @@ def test_train_old_alphas_and_max_dendrites_zero():
     ("improvement_threshold", -0.1), ("improvement_threshold_abs", math.inf),
     ("stats_momentum", 1.0), ("snapshot_threshold", "0.1"), ("warmup_batches", -1),
     ("train_old_alphas", None), ("control", "alpha0"), ("snapshot", "layer"),
-    ("candidate_scale", 0.0), ("candidate_scale", math.nan), ("score", "r"), ("candidate_bn", 1)])
+    ("candidate_scale", 0.0), ("candidate_scale", math.nan), ("score", "r"), ("candidate_bn", 1),
+    ("stage_epochs", (3, 0)), ("stage_epochs", 4)])
 def test_config_is_validated(field, value):
     with pytest.raises(ValueError, match=field):
         PBConfig(**{field: value})
@@ -277,6 +278,21 @@ def test_restarts_control_runs_the_stages_without_dendrites():
     pb = pbp.PerforatedBackprop(_model(), n_patience=1, max_dendrites=1, control="restarts")
     ds = _feed(pb, [0.5, 0.5, 0.6, 0.6])
     assert _events(ds) == [(2, "restart"), (4, "stop")] and pb.stages == 1
+
+
+def test_stage_epochs_replay_the_stage_lengths():
+    """stage_epochs: each neuron stage lasts exactly its listed length, whatever the scores (no
+    plateau, no retry limit), and training ends after the last; a resumed controller keeps
+    its place in the list."""
+    pb = pbp.PerforatedBackprop(_model(), n_patience=1, max_tries=1, control="restarts",
+                                stage_epochs=(3, 2, 4))
+    ds = _feed(pb, [0.5, 0.6, 0.7, 0.5, 0.5])
+    assert _events(ds) == [(3, "restart"), (5, "restart")] and pb.neuron_stages == 2
+    fresh = pbp.PerforatedBackprop(_model(), control="restarts")
+    fresh.load_state_dict(pb.state_dict())
+    ds = _feed(fresh, [0.5, 0.8, 0.5, 0.5])
+    assert _events(ds) == [(9, "stop")] and ds[-1].done and fresh.best_score == 0.8
+    assert fresh.config.stage_epochs == (3, 2, 4)
 
 
 def test_untrained_control_adopts_fresh_candidates():

@@ -53,11 +53,12 @@ def test_every_arm_runs_records_and_reports(tmp_path, monkeypatch):
         "mobilenet_tiny", 0.25,
         ("--resize", "8", "--epochs", "8", "-b", "16", "--val-size", str(val), "--device", "cpu",
          "--lr-warmup-epochs", "0", "--cache-dir", str(tmp_path / "cache")),
-        (*controls._PROTOCOL, "--pb-n-patience", "1", "--pb-p-patience", "1",
+        (*controls._PROTOCOL, "--pb-n-patience", "1", "--pb-p-patience", "1", "--pb-p-epochs", "1",
          "--pb-max-dendrites", "1", "--pb-warmup-batches", "1"), "a test setup")
     monkeypatch.setitem(controls.SETUPS, "tiny", tiny)
     results = tmp_path / "results.json"
-    assert controls.run_arm("tiny", "matched", 0, data, tmp_path / "runs", results) is None
+    for arm in controls.DEPENDENT:
+        assert controls.run_arm("tiny", arm, 0, data, tmp_path / "runs", results) is None
     recs = {arm: controls.run_arm("tiny", arm, 0, data, tmp_path / "runs", results)
             for arm in controls.ARMS}
     # (on random images no dendrite set beats the best score: the runs end with what they had)
@@ -68,6 +69,8 @@ def test_every_arm_runs_records_and_reports(tmp_path, monkeypatch):
     for arm in ("baseline-es", "restarts", "matched"):
         assert recs[arm]["num_dendrites"] == 0 and recs[arm]["params_dendrites"] == 0
     assert recs["baseline-es"]["epochs"] < recs["restarts"]["epochs"]
+    stages = controls.stage_lengths(recs["pb"]["curve"])
+    assert len(stages) >= 2 and controls.stage_lengths(recs["restarts"]["curve"]) == stages
     assert recs["matched"]["width"] == controls.matched_width("mobilenet_tiny", 0.25,
                                                               recs["pb"]["params"])
     records = table.load_records(results)

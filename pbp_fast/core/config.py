@@ -46,6 +46,10 @@ class PBConfig:
     candidate_bn: bool = False          # a BatchNorm between a candidate's conv and sigmoid
     train_old_alphas: bool = True       # neuron phase: every alpha trains (else the newest)
     control: str = "none"               # "restarts" / "untrained": controls (see CONTROLS)
+    # the lengths of the neuron stages, in order (a replay of another run's, e.g. PB's for its
+    # restarts control): stage k ends after exactly stage_epochs[k] epochs, and training after
+    # the last of them; () : stages end at a plateau or at n_epochs, training by the rules above
+    stage_epochs: tuple[int, ...] = ()
 
     def __post_init__(self):
         def bad(name, want):
@@ -71,6 +75,11 @@ class PBConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 bad(name, f"an int >= {low}")
+        if not isinstance(self.stage_epochs, (tuple, list)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                for v in self.stage_epochs):
+            bad("stage_epochs", "a tuple of ints >= 1")
+        object.__setattr__(self, "stage_epochs", tuple(self.stage_epochs))
         for name in ("n_epochs", "p_epochs"):
             v = getattr(self, name)
             if v is None and self.switch_mode == "fixed":

@@ -16,7 +16,9 @@ except one candidate per unit, trained by the correlation objective) and ``done`
 
 The controls of ``PBConfig.control`` change only what happens when a neuron stage ends:
 "restarts" goes straight into the next neuron stage (a restart counts as a dendrite set
-towards ``max_dendrites``), "untrained" adopts fresh candidates at once.
+towards ``max_dendrites``), "untrained" adopts fresh candidates at once.  With
+``PBConfig.stage_epochs`` the neuron stages have those lengths instead (a replay of another
+run's stages), and training ends after the last of them.
 
 Every transition returns ``Decision.restructured = True``: rebuild the optimizer (over
 ``pb.parameters()``) and the scheduler (and, under DDP, call ``pbp_fast.distributed.wrap`` again).
@@ -113,6 +115,7 @@ class PerforatedBackprop:
         self.tries = 0            # consecutive failed dendrite sets
         self.restarts = 0         # control="restarts": the stages that stand in for dendrite sets
         self.best_restarts = 0    # ... in the best model
+        self.neuron_stages = 0    # neuron stages ended
         self.candidate_scores = [0.0] * len(self.units)
         self.bn_momentum = {}     # BatchNorm momenta, held at 0 during the dendrite phase
         self.history = History()
@@ -170,8 +173,7 @@ class PerforatedBackprop:
             cand_score = sum(scores)
         row = self._row(phase, score, cand_score, metrics)
         event, restored = "", False
-        if phase is State.NEURON and self._phase_over(self.config.n_patience,
-                                                      self.config.n_epochs):
+        if phase is State.NEURON and self._neuron_stage_over():
             event, restored = self._end_neuron_stage()
         elif phase is State.DENDRITE and self._phase_over(self.config.p_patience,
                                                           self.config.p_epochs):
@@ -212,14 +214,24 @@ class PerforatedBackprop:
             return True
         return self.config.switch_mode == "patience" and self.stall >= patience
 
+    def _neuron_stage_over(self):
+        replay = self.config.stage_epochs
+        if replay:
+            return self.phase_epoch >= replay[min(self.neuron_stages, len(replay) - 1)]
+        return self._phase_over(self.config.n_patience, self.config.n_epochs)
+
     def _end_neuron_stage(self):
-        accepted = self.stage_beat_best
+        cfg, accepted = self.config, self.stage_beat_best
         self.model.load_state_dict(self.best_model)
         self.restarts = self.best_restarts
+        self.neuron_stages += 1
         self.tries = 0 if accepted else self.tries + 1
-        if not accepted and self.tries >= self.config.max_tries:
-            return self._enter(State.DONE, "stop"), True
-        if accepted and self.stages >= self.config.max_dendrites:
+        if cfg.stage_epochs:
+            stop = self.neuron_stages >= len(cfg.stage_epochs)
+        else:
+            stop = (self.tries >= cfg.max_tries if not accepted
+                    else self.stages >= cfg.max_dendrites)
+        if stop:
             return self._enter(State.DONE, "stop"), True
         if self.config.control == "restarts":
             self.restarts += 1
@@ -296,7 +308,7 @@ class PerforatedBackprop:
                     stage_best=self.stage_best, stage_beat_best=self.stage_beat_best,
                     best_score=self.best_score, best_model=self.best_model, tries=self.tries,
                     restarts=self.restarts, best_restarts=self.best_restarts,
-                    candidate_scores=list(self.candidate_scores),
+                    neuron_stages=self.neuron_stages, candidate_scores=list(self.candidate_scores),
                     trainable=list(self._trainable), bn_momentum=dict(self.bn_momentum),
                     history=[dict(r) for r in self.history.rows])
 
@@ -316,6 +328,7 @@ class PerforatedBackprop:
             setattr(self, k, state[k])
         self.restarts = state.get("restarts", 0)
         self.best_restarts = state.get("best_restarts", 0)
+        self.neuron_stages = state.get("neuron_stages", 0)
         self.candidate_scores = list(state["candidate_scores"])
         self._trainable = list(state["trainable"])
         self.history = History(state["history"])

@@ -21,7 +21,8 @@ DATA_ENV = "PBP_FAST_DATA"
 # The controller's fields a run sets, as pb_<field>; their defaults are PBConfig's.
 PB_FIELDS = ("switch_mode", "n_patience", "p_patience", "n_epochs", "p_epochs", "max_dendrites",
              "max_tries", "improvement_threshold", "warmup_batches", "snapshot", "score",
-             "candidate_scale", "candidate_bn", "train_old_alphas", "control")
+             "candidate_scale", "candidate_bn", "train_old_alphas", "control",
+             "stage_epochs")
 _PB = PBConfig()
 
 
@@ -86,6 +87,7 @@ class TrainConfig:
     pb_candidate_bn: bool = _PB.candidate_bn
     pb_train_old_alphas: bool = _PB.train_old_alphas
     pb_control: str = _PB.control
+    pb_stage_epochs: tuple[int, ...] = _PB.stage_epochs
     pb_schedule: str = "phase"      # each phase restarts the schedule (warmup included), or
                                     # "global": neuron phases follow one schedule over the run
     pb_opt: str = "adamw"           # optimizer of dendrite phases (the candidates)

@@ -114,6 +114,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction)
     add(g, "--pb-control", "pb_control", "a control run: restarts (PB's stages, no dendrites) "
         "or untrained (candidates adopted without a dendrite phase)", choices=CONTROLS)
+    add(g, "--pb-stage-epochs", "pb_stage_epochs", "the neuron stages' lengths, comma-separated "
+        "(a replay of another run's stages, e.g. PB's for its restarts control); training ends "
+        "after the last", type=_int_tuple)
     add(g, "--pb-schedule", "pb_schedule", "neuron phases follow one learning-rate schedule "
         "over --epochs, as without dendrites (global), or restart it over each phase's length "
         "(phase); dendrite phases always have their own", choices=("global", "phase"))
@@ -144,6 +147,11 @@ def _or_none(convert):
 
 
 _int_or_none, _float_or_none = _or_none(int), _or_none(float)
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    """An argparse type: '40,36,20' gives (40, 36, 20); '' gives ()."""
+    return tuple(int(v) for v in text.split(",") if v.strip())
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
