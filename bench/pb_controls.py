@@ -38,6 +38,7 @@ from cifar_table import (Stats, default_data, device_name, load_records, prepare
                          replace_between, run_processes, save_record)
 
 from pbp_fast import cli
+from pbp_fast.core import History
 from pbp_fast.recipe.flags import config_from_args
 from pbp_fast.recipe.models import create_model
 from pbp_fast.recipe.trainer import train
@@ -120,15 +121,9 @@ def _pb_record(results: Path, setup: str, seed: int) -> dict | None:
 
 
 def stage_lengths(curve: list) -> tuple[int, ...]:
-    """The lengths of a run's neuron stages from its recorded curve: a stage's last epoch is
-    the neuron epoch with an event (or the run's last)."""
-    lengths, run = [], 0
-    for _, phase, _, event in curve:
-        if phase == "n":
-            run += 1
-            if event:
-                lengths, run = lengths + [run], 0
-    return tuple(lengths + [run] if run else lengths)
+    """The lengths of a run's neuron stages from its recorded curve."""
+    return History([{"phase": "neuron" if p == "n" else "dendrite", "event": event}
+                    for _, p, _, event in curve]).stage_lengths()
 
 
 def run_arm(setup: str, arm: str, seed: int, data: str, out: Path, results: Path,

@@ -1,9 +1,11 @@
 """``pbp-fast demo`` in its quick mode (seconds): every arm, the table, the figure."""
+import csv
 import json
 
 import pytest
 
 from pbp_fast import cli
+from pbp_fast.core import History
 from pbp_fast.recipe import demo
 
 
@@ -25,6 +27,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert rows["baseline-ES"]["num_dendrites"] == rows["restarts"]["num_dendrites"] == 0
     assert rows["PB"]["params"] >= rows["baseline-ES"]["params"] == rows["restarts"]["params"]
     assert rows["baseline-ES"]["epochs"] <= min(rows["PB"]["epochs"], rows["restarts"]["epochs"])
+    stages = [History(csv.DictReader(open(out / arm / "pb_history.csv"))).stage_lengths()
+              for arm in ("PB", "restarts")]
+    assert stages[0] and stages[1] == stages[0]  # the restarts replay PB's stages
 
 
 def test_the_arms_differ_only_in_their_pb_flags():

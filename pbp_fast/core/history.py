@@ -27,6 +27,17 @@ class History:
     def column(self, name: str) -> list:
         return [r.get(name) for r in self.rows]
 
+    def stage_lengths(self) -> tuple[int, ...]:
+        """The lengths of the run's neuron stages (what ``PBConfig.stage_epochs`` replays): a
+        stage's last epoch is the neuron epoch with an event, or the run's last."""
+        lengths, run = [], 0
+        for r in self.rows:
+            if r["phase"] == "neuron":
+                run += 1
+                if r["event"]:
+                    lengths, run = lengths + [run], 0
+        return tuple(lengths + [run] if run else lengths)
+
     def columns(self) -> list[str]:
         extra = []
         for r in self.rows:

@@ -6,8 +6,9 @@ what it adds, on one network, seed and recipe:
     PB           the reference protocol: a stage ends at a validation plateau, the best model is
                  restored, a dendrite set is trained and added, and the next stage restarts the
                  optimizer and the learning-rate schedule (warmup included)
-    restarts     PB's stages, restores and schedule restarts without any dendrite: what the
-                 extra training alone gives
+    restarts     PB's neuron stages replayed (their lengths, so the same learning-rate schedule)
+                 and the best model restored after each, without any dendrite: what the extra
+                 training alone gives
 
 By default the data are scikit-learn's 8x8 handwritten digits (shipped inside scikit-learn, so
 the demo runs offline), upsampled to 16x16, and the network is a deliberately narrow
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from pbp_fast.core import History
 from pbp_fast.recipe.config import TrainConfig
 from pbp_fast.recipe.records import TrainResult, format_table
 from pbp_fast.recipe.trainer import train
@@ -159,6 +161,9 @@ def run_demo(data: str | None = None, out="runs/demo", quick: bool = False, seed
     t0 = time.perf_counter()
     results = {}
     for tag, cfg in configs.items():
+        if tag == "restarts":  # PB's stages, replayed
+            stages = History(results["PB"].history).stage_lengths()
+            cfg = configs[tag] = dataclasses.replace(cfg, pb_stage_epochs=stages)
         log(f"== {tag}: {cfg.model} x{cfg.width_mult:g}, at most {cfg.epochs} epochs")
         results[tag] = train(cfg, log=lambda s, tag=tag: log(f"[{tag}] {s}"))
     seconds = time.perf_counter() - t0
