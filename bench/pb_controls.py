@@ -16,7 +16,8 @@ Every arm of a setup has the same data, seed, recipe and device; only the PB fla
     restarts     PB's neuron stages replayed, the same lengths and so the same learning-rate
                  schedule, the best model restored after each, but no dendrite is ever added
                  (run after pb)
-    untrained    the candidates adopted as they were drawn, without a dendrite phase
+    untrained    the candidates adopted as they were drawn, without a dendrite phase, in PB's
+                 neuron stages replayed as for restarts (run after pb)
     matched      a wider network with the PB run's final parameter count (same seed), trained
                  as baseline-es (run after pb)
 
@@ -112,7 +113,7 @@ def arm_args(setup: str, arm: str, width: float | None = None) -> list[str]:
             *ARMS[arm]]
 
 
-DEPENDENT = ("restarts", "matched")  # arms that need the pb run of their seed
+DEPENDENT = ("restarts", "untrained", "matched")  # arms that need the pb run of their seed
 
 
 def _pb_record(results: Path, setup: str, seed: int) -> dict | None:

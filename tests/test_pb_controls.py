@@ -70,7 +70,9 @@ def test_every_arm_runs_records_and_reports(tmp_path, monkeypatch):
         assert recs[arm]["num_dendrites"] == 0 and recs[arm]["params_dendrites"] == 0
     assert recs["baseline-es"]["epochs"] < recs["restarts"]["epochs"]
     stages = controls.stage_lengths(recs["pb"]["curve"])
-    assert len(stages) >= 2 and controls.stage_lengths(recs["restarts"]["curve"]) == stages
+    assert len(stages) >= 2
+    for arm in ("restarts", "untrained"):
+        assert controls.stage_lengths(recs[arm]["curve"]) == stages, arm
     assert recs["matched"]["width"] == controls.matched_width("mobilenet_tiny", 0.25,
                                                               recs["pb"]["params"])
     records = table.load_records(results)
