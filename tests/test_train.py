@@ -313,3 +313,21 @@ def test_compiled_pb_run_compiles_every_structure(tmp_path, monkeypatch):
     assert [p for p, _, _ in per_epoch] == ["neuron", "dendrite", "neuron"], per_epoch
     new = np.diff([0] + [n for _, _, n in per_epoch])
     assert (new >= 2).all(), per_epoch  # a train and an eval graph for every structure
+
+
+def test_a_finished_run_that_restored_a_smaller_best_model_resumes(tmp_path):
+    """A run that ends by restoring a best model with fewer dendrites than the last stage (its
+    dendrite set failed) saves a last.pt whose optimizer matches that model, and resuming the
+    finished run (as a re-run of an experiment does) reports the same result."""
+    out = tmp_path / "run"
+    args = [*FAST, *PB, "--epochs", "6", "--pb-max-tries", "1",
+            "--pb-improvement-threshold", "10"]          # no dendrite set can count as better
+    assert cli.main(["train", *args, "--output-dir", str(out)]) == 0
+    events = [r["event"] for r in _rows(out / "metrics.csv")]
+    assert "add_dendrites" in events and len(events) < 6
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["pb"]["state"] == "done"
+    assert all(len(v) == 0 for k, v in ckpt["model"].items() if k.endswith("dendrite_weight"))
+    first = json.loads((out / "results.json").read_text())
+    assert cli.main(["train", *args, "--resume", str(out / "last.pt")]) == 0
+    assert json.loads((out / "results.json").read_text())["test_acc"] == first["test_acc"]

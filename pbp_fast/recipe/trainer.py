@@ -210,8 +210,9 @@ class _Run:
         self.best_state = ckpt.get("best_state")
         self.done = self.pb is not None and self.pb.phase == "done"
         self._build_optimizer()
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if not self.done:  # a finished run may have restored a best model of another structure
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
         ckpt_io.set_rng_state(ckpt["rng"], self.device)
 
     def save_best(self, state) -> None:
@@ -262,7 +263,7 @@ class _Run:
             if self.pb is None:
                 self.best_state = state
             self.save_best(state)
-        if self.pb is not None and decision.restructured and not decision.done:
+        if self.pb is not None and decision.restructured:  # done: the best model may differ
             self.phase_start = self.epoch
             self._wrap()
             self._build_optimizer()
