@@ -57,7 +57,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
                                           ({"pb_n_patience": 0}, "pb_n_patience"),
                                           ({"pb_switch_mode": "plateau"}, "pb_switch_mode"),
                                           ({"device": "tpu:x"}, "device"),
-                                          ({"pb_opt": "lamb"}, "pb_opt")])
+                                          ({"pb_opt": "lamb"}, "pb_opt"),
+                                          ({"pb_lr_search": -1}, "pb_lr_search"),
+                                          ({"pb_lr_search_factor": 1.0}, "pb_lr_search_factor"),
+                                          ({"pb_lr_search": 2, "pb_schedule": "global"},
+                                           "pb_lr_search")])
 def test_config_errors_name_the_field(kwargs, word):
     with pytest.raises(ValueError, match=word):
         TrainConfig(data="digits", **kwargs)
@@ -331,3 +335,67 @@ def test_a_finished_run_that_restored_a_smaller_best_model_resumes(tmp_path):
     first = json.loads((out / "results.json").read_text())
     assert cli.main(["train", *args, "--resume", str(out / "last.pt")]) == 0
     assert json.loads((out / "results.json").read_text())["test_acc"] == first["test_acc"]
+
+
+def test_the_starting_rate_search_steps_down_while_it_helps():
+    """StartRateSearch alone: each trial's end goes back to the stage's start at a lower rate
+    while the trials get better, then to the end of the best one; at most MAX_LOWERINGS."""
+    from pbp_fast.recipe.lr_search import MAX_LOWERINGS, StartRateSearch
+    s = StartRateSearch(epochs=2, factor=0.5)
+    s.begin("start")
+    assert s.after_epoch(50.0, lambda: "end1") is None
+    assert s.after_epoch(60.0, lambda: "end1") == ("start", 0.5)    # trial 1's best: 60
+    assert s.after_epoch(61.0, lambda: "end2") is None
+    assert s.after_epoch(55.0, lambda: "end2") == ("start", 0.25)   # 61 > 60: lower again
+    s.after_epoch(61.0, lambda: "end3")
+    assert s.after_epoch(40.0, lambda: "end3") == ("end2", 0.5)     # 61 <= 61: keep trial 2
+    assert not s.active
+    s.begin("start")
+    for i in range(MAX_LOWERINGS):                                  # always better
+        s.after_epoch(float(i), lambda: "x")
+        assert s.after_epoch(float(i), lambda: "x") == ("start", 0.5 ** (i + 1))
+    s.after_epoch(99.0, lambda: "x")
+    assert s.after_epoch(99.0, lambda: "x") is None and not s.active
+
+
+def test_pb_lr_search_retries_the_stage_at_lower_rates_and_resumes_exactly(tmp_path):
+    """--pb-lr-search: after the dendrites are added, each trial epoch is followed by a new
+    start of the stage at a tenth of the rate (same place in its schedule) until a trial does
+    worse; the discarded epochs stay in metrics.csv, not in the controller's record; an
+    interruption inside the search resumes exactly."""
+    args = [*FAST, "--dendrites", "--pb-switch-mode", "fixed", "--pb-n-epochs", "3",
+            "--pb-p-epochs", "1", "--pb-max-dendrites", "1", "--epochs", "10",
+            "--pb-lr-search", "1"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert cli.main(["train", *args, "--output-dir", str(full)]) == 0
+    rows = _rows(full / "metrics.csv")
+    events = [r["event"] for r in rows]
+    first = events.index("add_dendrites")
+    trials = [i for i, e in enumerate(events) if e.startswith("lr_trial")]
+    assert trials and trials[0] == first + 1
+    lrs = [float(r["lr"]) for r in rows]
+    for i in trials:
+        if not events[i].endswith("kept"):
+            assert lrs[i + 1] == pytest.approx(0.1 * lrs[i], rel=1e-6)
+    with open(full / "pb_history.csv", newline="") as f:
+        kept = list(csv.DictReader(f))
+    # every trial but the kept one (the one before the last, when the last did worse)
+    discarded = len(trials) - 1 if events[trials[-1]].endswith("kept") else len(trials)
+    assert len(kept) == len(rows) - discarded
+
+    from pbp_fast.recipe import config_from_args
+    cfg = config_from_args(cli.build_parser().parse_args(
+        ["train", *args, "--output-dir", str(part)]))
+
+    def stop_after(n):
+        def hook(rec):
+            if rec.epoch == n:
+                raise Interrupt
+        return hook
+
+    with pytest.raises(Interrupt):
+        train(cfg, log=lambda s: None, on_epoch_end=stop_after(trials[0] + 1))
+    assert torch.load(part / "last.pt", weights_only=True)["lr_search"]["search"]["active"]
+    assert cli.main(["train", *args, "--resume", str(part / "last.pt")]) == 0
+    _assert_same_state(_model_state(full / "last.pt"), _model_state(part / "last.pt"))
+    assert _rows(full / "metrics.csv") == _rows(part / "metrics.csv")

@@ -90,6 +90,8 @@ class TrainConfig:
     pb_stage_epochs: tuple[int, ...] = _PB.stage_epochs
     pb_schedule: str = "phase"      # each phase restarts the schedule (warmup included), or
                                     # "global": neuron phases follow one schedule over the run
+    pb_lr_search: int = 0           # trial epochs of a neuron stage's starting-rate search
+    pb_lr_search_factor: float = 0.1  # (0: none); each trial starts at this x the last's rate
     pb_opt: str = "adamw"           # optimizer of dendrite phases (the candidates)
     pb_lr: float | None = None      # its peak learning rate (None: PB_LR[pb_opt], or lr)
     # knowledge distillation (pbp_fast.deploy.distill)
@@ -146,6 +148,13 @@ class TrainConfig:
                 bad(name, "a positive number")
         if self.pb_schedule not in ("global", "phase"):
             bad("pb_schedule", "'global' or 'phase'")
+        if not is_int(self.pb_lr_search) or self.pb_lr_search < 0:
+            bad("pb_lr_search", "an int >= 0")
+        if not is_num(self.pb_lr_search_factor) or not 0 < self.pb_lr_search_factor < 1:
+            bad("pb_lr_search_factor", "a number in (0, 1)")
+        if self.pb_lr_search and self.pb_schedule != "phase":
+            bad("pb_lr_search", "0 unless pb_schedule is 'phase' (a search restarts the "
+                "stage's schedule at lower rates)")
         if self.pb_opt not in OPTIMIZERS:
             bad("pb_opt", f"one of {OPTIMIZERS}")
         if self.pb_lr is not None and (not is_num(self.pb_lr) or self.pb_lr <= 0):

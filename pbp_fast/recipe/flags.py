@@ -120,6 +120,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add(g, "--pb-schedule", "pb_schedule", "neuron phases follow one learning-rate schedule "
         "over --epochs, as without dendrites (global), or restart it over each phase's length "
         "(phase); dendrite phases always have their own", choices=("global", "phase"))
+    add(g, "--pb-lr-search", "pb_lr_search", "a neuron stage's starting-rate search: after "
+        "dendrites are added, train this many epochs, go back to the stage's start at "
+        "--pb-lr-search-factor x the rate while that does better on validation, keep the best "
+        "(0: no search)", type=int)
+    add(g, "--pb-lr-search-factor", "pb_lr_search_factor", "each trial's starting rate "
+        "relative to the previous one's", type=float)
     add(g, "--pb-opt", "pb_opt", "optimizer of dendrite phases, which train only the "
         "candidates. Their gradient has the scale of the loss's gradient at a unit's output, "
         "orders of magnitude below their weights: AdamW's steps do not depend on it, SGD at "

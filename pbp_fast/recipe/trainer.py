@@ -30,6 +30,7 @@ by validation accuracy.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import sys
@@ -51,6 +52,7 @@ from pbp_fast.recipe import checkpoint as ckpt_io
 from pbp_fast.recipe import data as data_mod
 from pbp_fast.recipe import models
 from pbp_fast.recipe.config import TrainConfig
+from pbp_fast.recipe.lr_search import StartRateSearch
 from pbp_fast.recipe.engine import ProgressBar, evaluate, soft_cross_entropy, train_one_epoch
 from pbp_fast.recipe.optim import PB_LR, build_optimizer, build_scheduler, optimizer_field
 from pbp_fast.recipe.records import EpochRecord, TrainResult, read_csv, write_csv
@@ -144,6 +146,9 @@ class _Run:
         self.best_acc, self.best_epoch = -1.0, 0
         self.best_state = None      # baseline: the best model's weights (PB: the controller's)
         self.done = False
+        self.lr_scale = 1.0         # the neuron stage's starting rate, relative to cfg.lr
+        self.search = (StartRateSearch(cfg.pb_lr_search, cfg.pb_lr_search_factor)
+                       if self.pb is not None and cfg.pb_lr_search else None)
         self._build_optimizer()
 
     def _wrap(self) -> None:
@@ -177,7 +182,7 @@ class _Run:
         params = [p for p in self.model.parameters() if p.requires_grad]
         cfg = self.cfg
         opt = getattr(cfg, optimizer_field(self.phase))
-        lr = cfg.lr
+        lr = cfg.lr * self.lr_scale
         if self.phase == "dendrite":
             lr = cfg.pb_lr if cfg.pb_lr is not None else PB_LR.get(opt, cfg.lr)
         self.optimizer = build_optimizer(params, cfg, lr, opt)
@@ -194,6 +199,8 @@ class _Run:
                 "loop": {"phase_start": self.phase_start, "best_acc": self.best_acc,
                          "best_epoch": self.best_epoch},
                 "best_state": self.best_state if self.pb is None else None,
+                "lr_search": {"lr_scale": self.lr_scale,
+                              "search": self.search.state_dict() if self.search else None},
                 "rng": ckpt_io.rng_state(self.device), "config": asdict(self.cfg)}
 
     def resume(self, path: Path) -> None:
@@ -209,11 +216,40 @@ class _Run:
                                                             loop["best_epoch"])
         self.best_state = ckpt.get("best_state")
         self.done = self.pb is not None and self.pb.phase == "done"
+        search = ckpt.get("lr_search") or {"lr_scale": 1.0, "search": None}
+        self.lr_scale = search["lr_scale"]
+        if self.search is not None and search["search"] is not None:
+            self.search.load_state_dict(search["search"])
         self._build_optimizer()
         if not self.done:  # a finished run may have restored a best model of another structure
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
         ckpt_io.set_rng_state(ckpt["rng"], self.device)
+
+    # -- the starting-rate search (pbp_fast.recipe.lr_search) -----------------------------------
+    def _snapshot(self) -> dict:
+        """What a search goes back to, in memory (the epoch count and the RNG go on)."""
+        return {"model": snapshot_state_dict(self.model.state_dict()),
+                "pb": copy.deepcopy(self.pb.state_dict()),
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "scheduler": self.scheduler.state_dict(), "phase_start": self.phase_start,
+                "lr_scale": self.lr_scale, "best": (self.best_acc, self.best_epoch)}
+
+    def _restore(self, snap: dict, scale: float) -> None:
+        """Back to ``snap``: a fresh schedule from ``scale`` x lr (a trial from the stage's
+        start), or, at the snapshot's own scale, its optimizer and schedule (a kept trial)."""
+        self.model.load_state_dict(snap["model"])
+        self.pb.load_state_dict(snap["pb"])
+        self._wrap()
+        kept = scale == snap["lr_scale"]
+        self.lr_scale, self.phase_start = scale, snap["phase_start"] if kept else self.epoch
+        self._build_optimizer()
+        if kept:
+            self.optimizer.load_state_dict(snap["optimizer"])
+            self.scheduler.load_state_dict(snap["scheduler"])
+        self.best_acc, self.best_epoch = snap["best"]
+        if self.pb.best_model is not None:
+            self.save_best(snapshot_state_dict(self.pb.best_model))
 
     def save_best(self, state) -> None:
         ckpt_io.save({"model": state, "epoch": self.epoch, "val_acc": self.best_acc,
@@ -264,9 +300,18 @@ class _Run:
                 self.best_state = state
             self.save_best(state)
         if self.pb is not None and decision.restructured:  # done: the best model may differ
-            self.phase_start = self.epoch
+            self.phase_start, self.lr_scale = self.epoch, 1.0
             self._wrap()
             self._build_optimizer()
+            if self.search is not None:
+                self.search.end()
+                if event in ("add_dendrites", "restart"):  # a stage that may start lower
+                    self.search.begin(self._snapshot())
+        elif self.search is not None and self.search.active:
+            back = self.search.after_epoch(val_acc, self._snapshot)
+            if back is not None:
+                self._restore(*back)
+                event = f"lr_trial: x{back[1]:g}{'' if self.search.active else ' kept'}"
         return EpochRecord(self.epoch, phase, lr, train_loss, train_acc, val_loss, val_acc,
                            params, num_d, event, time.perf_counter() - t0)
 
