@@ -21,6 +21,9 @@ Every arm of a setup has the same data, seed, recipe and device; only the PB fla
     matched      a wider network with the PB run's final parameter count (same seed), trained
                  as baseline-es (run after pb)
 
+and the fidelity ablations (``--arm ablations``, ``ABLATIONS``): PB with one option of the
+reference protocol changed, each compared with the pb arm seed by seed.
+
 Each run trains in a folder of its own (``<out>/<setup>/<arm>/seed<k>``) and is resumed from its
 ``last.pt`` when started again; each finished run puts its record (test accuracy of the model
 chosen on validation, the test split evaluated once, epochs, parameters with dendrites counted,
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -89,6 +93,21 @@ SETUPS = {
 ARMS = {"baseline-es": ("--pb-max-dendrites", "0"), "pb": (),
         "restarts": ("--pb-control", "restarts"), "untrained": ("--pb-control", "untrained"),
         "matched": ("--pb-max-dendrites", "0")}
+# The fidelity ablations: PB with one option of the reference protocol changed (to what
+# pbp_fast did before following the reference, or to an option the reference has), each
+# compared with the pb arm of the same seeds.
+ABLATIONS = {
+    "pb-fixed-switch": ("--pb-switch-mode", "fixed"),          # stages of the caps' length
+    "pb-global-schedule": ("--pb-schedule", "global"),         # one cosine over the run
+    "pb-lr-search": ("--pb-lr-search", "5"),                   # find_best_lr, 5 trial epochs
+    "pb-default-init": ("--pb-candidate-scale", "none"),       # the conv's own initialisation
+    "pb-candidate-bn": ("--pb-candidate-bn",),                 # a BatchNorm in each candidate
+    "pb-pearson": ("--pb-score", "pearson"),                   # Pearson's r as the score
+    "pb-warmup-10": ("--pb-warmup-batches", "10"),             # 10 batches before snapshots
+    "pb-unit-snapshot": ("--pb-snapshot", "unit"),             # the best candidate as a whole
+    "pb-newest-alpha": ("--no-pb-train-old-alphas",),          # only the newest alpha trains
+}
+ALL_ARMS = {**ARMS, **ABLATIONS}
 
 
 def count(model: str, width: float) -> int:
@@ -110,7 +129,7 @@ def matched_width(model: str, width: float, params: int) -> float:
 def arm_args(setup: str, arm: str, width: float | None = None) -> list[str]:
     s = SETUPS[setup]
     return ["--model", s.model, "--width-mult", f"{width or s.width:g}", *s.train, *s.pb,
-            *ARMS[arm]]
+            *ALL_ARMS[arm]]
 
 
 DEPENDENT = ("restarts", "untrained", "matched")  # arms that need the pb run of their seed
@@ -156,7 +175,7 @@ def run_arm(setup: str, arm: str, seed: int, data: str, out: Path, results: Path
            **{k: getattr(result, k) for k in ("test_acc", "val_acc", "params", "params_dendrites",
                                               "num_dendrites", "best_epoch", "epochs")}}
     save_record(results, rec, key=("setup", "arm", "seed"),
-                order=lambda r: (r["setup"], list(ARMS).index(r["arm"]), r["seed"]))
+                order=lambda r: (r["setup"], list(ALL_ARMS).index(r["arm"]), r["seed"]))
     log(f"   test {rec['test_acc']:.2f} %, val {rec['val_acc']:.2f} %, {rec['params']:,} "
         f"parameters, {rec['epochs']} epochs, {rec['seconds'] / 60:.0f} min -> {results}")
     return rec
@@ -164,22 +183,35 @@ def run_arm(setup: str, arm: str, seed: int, data: str, out: Path, results: Path
 
 # ---------------------------------------------------------------------------------- report
 
-def table(records: list[dict], setup: str) -> str:
-    lines = [f"| {setup} arm | seeds | test acc % (mean ± sd) | test error vs baseline-es | "
-             "epochs | parameters (dendrites counted) | time per run |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    by_arm = {a: [r for r in records if r["setup"] == setup and r["arm"] == a] for a in ARMS}
-    base = by_arm["baseline-es"]
+def paired(runs: list[dict], ref: list[dict]) -> str:
+    """mean ± sd over the seeds both have of (run's test accuracy - ref's)."""
+    theirs = {r["seed"]: r["test_acc"] for r in ref}
+    d = [r["test_acc"] - theirs[r["seed"]] for r in runs if r["seed"] in theirs]
+    if not d:
+        return "—"
+    return f"{statistics.fmean(d):+.2f}" + (f" ± {statistics.stdev(d):.2f}" if len(d) > 1 else "")
+
+
+def table(records: list[dict], setup: str, arms=ARMS, ref: str = "baseline-es") -> str:
+    """The arms' rows: test accuracy, the change of test error against ``ref`` (relative) and
+    the paired difference to the pb arm, seed by seed."""
+    lines = [f"| {setup} arm | seeds | test acc % (mean ± sd) | test error vs {ref} | "
+             "this arm - pb (paired, points) | epochs | parameters (dendrites counted) | "
+             "time per run |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    mine = [r for r in records if r["setup"] == setup]
+    by_arm = {a: [r for r in mine if r["arm"] == a] for a in arms}
+    base, pb = [r for r in mine if r["arm"] == ref], [r for r in mine if r["arm"] == "pb"]
     e0 = 100 - Stats(base).mean("test_acc") if base else None
     for arm, runs in by_arm.items():
         if not runs:
-            lines.append(f"| {arm} | not yet run | | | | | |")
+            lines.append(f"| {arm} | not yet run | | | | | | |")
             continue
         st = Stats(runs)
         rel = f"{(100 - st.mean('test_acc') - e0) / e0:+.1%}" if e0 else "—"
+        vs_pb = "—" if arm == "pb" else paired(runs, pb)
         lines.append(
             f"| {arm} | {' '.join(map(str, st.seeds))} | {st.acc('test_acc')} | {rel} | "
-            f"{st.mean('epochs'):.0f} | {st.mean('params'):,.0f} | "
+            f"{vs_pb} | {st.mean('epochs'):.0f} | {st.mean('params'):,.0f} | "
             f"{st.mean('seconds') / 60:.0f} min |")
     return "\n".join(lines)
 
@@ -233,6 +265,9 @@ def render(records: list[dict]) -> str:
         if not any(r["setup"] == setup for r in records):
             continue
         parts += [f"**{setup}**: {s.about}.", "", table(records, setup), ""]
+        if any(r["setup"] == setup and r["arm"] in ABLATIONS for r in records):
+            parts += [f"{setup}, the fidelity ablations (PB with one option changed):", "",
+                      table(records, setup, {"pb": (), **ABLATIONS}, ref="pb"), ""]
     return "\n".join(parts) or "No run recorded yet."
 
 
@@ -247,7 +282,8 @@ def main(argv=None) -> int:
     what.add_argument("--report", action="store_true",
                       help="the table into README.md and docs/pb_controls.md, the figures into "
                       "docs/figures")
-    p.add_argument("--arm", nargs="+", choices=[*ARMS, "all"], default=["all"])
+    p.add_argument("--arm", nargs="+", choices=[*ALL_ARMS, "all", "ablations"],
+                   default=["all"], help="all: the controls; ablations: the fidelity ablations")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=1, help="runs side by side, a process each")
     p.add_argument("--concurrent", type=int, default=1, help=argparse.SUPPRESS)
@@ -259,7 +295,7 @@ def main(argv=None) -> int:
     if args.list:
         for name, s in SETUPS.items():
             print(f"{name}: {s.about}")
-            for arm in ARMS:
+            for arm in ALL_ARMS:
                 print(f"  {arm}: pbp-fast train {shlex.join(arm_args(name, arm))}")
         return 0
     if args.report:
@@ -272,7 +308,8 @@ def main(argv=None) -> int:
                 print(f"wrote {f}")
         print(body)
         return 0
-    arms = list(ARMS) if "all" in args.arm else list(dict.fromkeys(args.arm))
+    named = {"all": list(ARMS), "ablations": list(ABLATIONS)}
+    arms = list(dict.fromkeys(a for arm in args.arm for a in named.get(arm, [arm])))
     seeds = list(dict.fromkeys(args.seeds))
     if args.jobs > 1 and len(arms) * len(seeds) > 1:
         prepare_data(args.data, args.out, None)

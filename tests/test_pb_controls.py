@@ -39,6 +39,39 @@ def test_arms_differ_only_in_their_pb_flags(setup):
     assert _config(setup, "matched", 1.37)["width_mult"] == 1.37
 
 
+@pytest.mark.parametrize("setup", list(controls.SETUPS))
+def test_each_ablation_changes_one_option_of_pb(setup):
+    want = {"pb-fixed-switch": "pb_switch_mode", "pb-global-schedule": "pb_schedule",
+            "pb-lr-search": "pb_lr_search", "pb-default-init": "pb_candidate_scale",
+            "pb-candidate-bn": "pb_candidate_bn", "pb-pearson": "pb_score",
+            "pb-warmup-10": "pb_warmup_batches", "pb-unit-snapshot": "pb_snapshot",
+            "pb-newest-alpha": "pb_train_old_alphas"}
+    assert set(want) == set(controls.ABLATIONS)
+    pb = _config(setup, "pb")
+    for arm, field in want.items():
+        cfg = _config(setup, arm)
+        assert {k for k in pb if pb[k] != cfg[k]} == {field}, arm
+
+
+def test_the_report_pairs_each_arm_with_pb_seed_by_seed():
+    def rec(arm, seed, acc):
+        return {"setup": "cpu16", "arm": arm, "seed": seed, "test_acc": acc, "epochs": 10,
+                "params": 100, "seconds": 60.0}
+    records = [rec("baseline-es", 0, 60.0), rec("baseline-es", 1, 62.0), rec("pb", 0, 70.0),
+               rec("pb", 1, 66.0), rec("restarts", 0, 71.0), rec("restarts", 1, 68.0),
+               rec("pb-pearson", 0, 69.0), rec("pb-pearson", 2, 99.0)]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")
+            for line in controls.table(records, "cpu16").splitlines()[2:]}
+    assert rows["restarts"][2] == "69.50 ± 2.12"
+    assert rows["restarts"][4] == "+1.50 ± 0.71"          # (71 - 70, 68 - 66)
+    assert rows["pb"][3] == f"{((100 - 68) - (100 - 61)) / (100 - 61):+.1%}"
+    assert "not yet run" in rows["untrained"][1]
+    body = controls.render(records)
+    assert "fidelity ablations" in body
+    ablation = [line for line in body.splitlines() if line.startswith("| pb-pearson ")][0]
+    assert ablation.split(" | ")[4] == "-1.00"             # seed 0 only: seed 2 has no pb
+
+
 def test_matched_width_is_the_nearest_count():
     target = controls.count("mobilenet_tiny", 1.0) + 3000
     w = controls.matched_width("mobilenet_tiny", 1.0, target)
