@@ -110,13 +110,21 @@ def test_x_gradient_is_exactly_the_main_convs(seed):
         t["weight"] = torch.randn(t["d_weight"].shape[1:], dtype=torch.float64)
     gy = torch.randn_like(run(t, conv, "cpp")[0])
     _, _, g = run(t, conv, "cpp", gy)
-    plain = dict(t, d_weight=t["d_weight"][:0], d_bias=None, d_scale=t["d_scale"][:0],
-                 d_cascade=None)
-    _, _, g0 = run(plain, conv, "cpp", gy)
-    assert torch.equal(g["x"], g0["x"])  # the dendrites add nothing to dL/dx (perforated)
+    # the same kernel with D = 0 (the public function hands D = 0 to the plain conv)
+    x0 = t["x"].detach().clone().requires_grad_()
+    y0, _ = torch.ops.pbp_fast.dendritic_conv2d_fwd(
+        x0, t["weight"], t["bias"], t["base"], t["d_weight"][:0], None, t["d_scale"][:0], None,
+        *(_pair(conv[k]) for k in ("stride", "padding", "dilation")), conv["groups"], False)
+    y0.backward(gy)
+    if t["d_weight"].shape[0]:  # the dendrites add nothing to dL/dx (perforated)
+        assert torch.equal(g["x"], x0.grad)
     x = t["x"].detach().clone().requires_grad_()
     F.conv2d(x, t["weight"], t["bias"], **conv).backward(gy)
     torch.testing.assert_close(g["x"], x.grad, atol=1e-10, rtol=1e-10)
+
+
+def _pair(v):
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -69,6 +69,11 @@ def dendritic_conv2d_with_s(x, weight, bias, d_weight, d_bias, d_scale, d_cascad
     if backend == "reference":
         return reference.dendritic_conv2d(x, weight, bias, d_weight, d_bias, d_scale, d_cascade,
                                           *conv, base=base, save_s=save_s)
+    if d == 0 and weight is not None:  # nothing to fuse: the plain conv, in x's layout
+        y, s = reference.dendritic_conv2d(x, weight, bias, d_weight, d_bias, d_scale, d_cascade,
+                                          *conv, base=base, save_s=save_s)
+        return y.contiguous(memory_format=torch.channels_last if is_channels_last(x)
+                            else torch.contiguous_format), s
     save_s = save_s or (torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (d_weight, d_bias, d_scale, d_cascade)))
     return fused("dendritic_conv2d_fwd", backend)(x, weight, bias, base, d_weight, d_bias,
