@@ -2,7 +2,10 @@
 ...).  At the end of the run a table gives, measured in the same run, each path's speed-up over
 the reference path of the same group and, for a benchmark whose ``extra_info["plain"]`` names the
 group of a baseline benchmark (path "plain", e.g. the model without dendrites), its time as a
-multiple of that baseline's.  The ``extra_info`` values that ``report.COLUMNS`` names (peak
+multiple of that baseline's; with ``extra_info["flop_floor"]`` (the benchmark's FLOPs over the
+baseline's, ``flop_floor`` fixture) also its added time over its added FLOPs,
+(time / baseline - 1) / (floor - 1): 1.0 is a path whose extra work runs exactly as fast as the
+baseline's.  The ``extra_info`` values that ``report.COLUMNS`` names (peak
 memory from the ``peak_memory`` fixture, achieved GB/s ...) go into the table too.
 ``--ratios-json`` writes the table as JSON for ``bench/report.py``."""
 import json
@@ -57,6 +60,36 @@ def peak_memory():
     return step_peak_mb
 
 
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding,
+                         _dilation, transposed, _output_padding, _groups, output_mask,
+                         out_shape=None, **kwargs) -> int:
+    """A conv's gradients each cost what its forward costs. (torch's own formula counts the
+    input and weight gradients of a grouped conv as if the conv were dense: 64x too many
+    FLOPs for a depthwise 3x3 over 64 channels.)"""
+    from torch.utils.flop_counter import conv_flop_count
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def step_flops(fn) -> int:
+    """The FLOPs of one call of ``fn``: the convs and matmuls, forward and backward, as
+    ``torch.utils.flop_counter`` counts them (elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    mapping = {torch.ops.aten.convolution_backward: _conv_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.fixture
+def flop_floor():
+    """``flop_floor(step, plain_step)``: the FLOPs of ``step`` as a multiple of ``plain_step``'s,
+    the least time a step can take as a multiple of the plain one when every FLOP costs the
+    same. Count it on the reference path: it runs exactly the convs the math needs (the
+    dendrites' forward, no gradient for frozen weights, none into x through a dendrite)."""
+    return lambda step, plain: step_flops(step) / step_flops(plain)
+
+
 def ratio_rows(benchmarks):
     """One row per benchmark with a path and something to compare: its median, the reference
     path's median and the speed-up over it, the baseline's median and the ratio to it, and its
@@ -73,6 +106,9 @@ def ratio_rows(benchmarks):
         plain = runs.get((b.extra_info.get("plain"), "plain"))
         if plain is not None:
             row.update(plain_ms=plain.stats.median * 1e3, vs_plain=t / plain.stats.median)
+            floor = b.extra_info.get("flop_floor")
+            if floor is not None and floor > 1.001:  # the added time over the added FLOPs
+                row.update(added_vs_floor=(row["vs_plain"] - 1) / (floor - 1))
         row.update((k, b.extra_info[k]) for _, k, _ in report.COLUMNS if k in b.extra_info)
         if len(row) > 3:
             rows.append(row)

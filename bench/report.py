@@ -16,6 +16,8 @@ COLUMNS = [  # header, row key, format; a column appears when some row has its k
     ("reference ms", "reference_ms", "{:.1f}"),
     ("speed-up", "speedup", "**{:.2f}x**"),
     ("x plain step", "vs_plain", "{:.2f}x"),
+    ("FLOP floor", "flop_floor", "{:.2f}x"),
+    ("added time / added FLOPs", "added_vs_floor", "{:.2f}"),
     ("peak MiB", "peak_mb", "{:.0f}"),
     ("GB/s", "gbps", "{:.0f}"),
     ("of copy GB/s", "copy_fraction", "{:.0%}"),

@@ -7,7 +7,9 @@ frozen); the dendrite phase with 0 and 1 trained dendrites (everything frozen bu
 per unit, trained by the correlation objective from the backward pass).  Paths: the fused
 backend ("cpp" on the CPU, "triton" on CUDA), "reference" (every unit's ``backend``), and the
 perforatedai library where it imports (its open-source dendrites, neuron phase only, see
-``perforatedai_model``).  Every dendritic step is also given as a multiple of the plain step.
+``perforatedai_model``).  Every dendritic step is also given as a multiple of the plain step,
+beside its FLOP floor (the convs and matmuls the case's math needs, counted on the reference
+path, over the plain step's) and its added time over its added FLOPs.
 
 CUDA: batch 256 under bf16 autocast, eager, torch.compile and CUDA graphs (the whole step
 captured).  CPU: batch 32 in float32, eager; with ``--cpu-compile`` also torch.compile of the
@@ -97,6 +99,24 @@ def perforatedai_model(model, d, x, y):
     return model
 
 
+def build(case, path, x, y):
+    """The CIFAR MobileNetV3-Small (seed 0, channels_last) of ``case`` on ``path``."""
+    torch.manual_seed(0)
+    model = pbp.models.mobilenet_v3_small(num_classes=10).to(DEVICE)
+    model = model.to(memory_format=torch.channels_last)
+    if case == "plain":
+        return model
+    phase, d = case.split(" D=")
+    if path == "perforatedai":
+        return perforatedai_model(model, int(d), x, y)
+    return dendritic_model(model, int(d), phase, path)
+
+
+def sgd(model):
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01,
+                           momentum=0.9)
+
+
 def train_step(model, opt, x, y):
     with torch.autocast(DEVICE, torch.bfloat16, enabled=CUDA, cache_enabled=False):
         loss = F.cross_entropy(model(x), y)
@@ -144,7 +164,8 @@ def prepare(mode, model, opt, x, y, peak_memory, fullgraph):
 
 @pytest.mark.parametrize("mode", ["eager", "compile", "cudagraphs"])
 @pytest.mark.parametrize("case,path", CASES)
-def test_step(benchmark, peak_memory, tmp_path, monkeypatch, request, case, path, mode):
+def test_step(benchmark, peak_memory, flop_floor, tmp_path, monkeypatch, request, case, path,
+              mode):
     if mode == "cudagraphs" and not CUDA:
         pytest.skip("CUDA graphs need a GPU")
     if mode == "compile" and not CUDA:
@@ -156,18 +177,16 @@ def test_step(benchmark, peak_memory, tmp_path, monkeypatch, request, case, path
         pytest.skip(f"the {FUSED} backend is not available here")
     monkeypatch.chdir(tmp_path)  # perforatedai writes its configuration files to the cwd
     torch.manual_seed(0)
-    model = pbp.models.mobilenet_v3_small(num_classes=10).to(DEVICE)
-    model = model.to(memory_format=torch.channels_last)
     x = torch.randn(BATCH, 3, 32, 32, device=DEVICE).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (BATCH,), device=DEVICE)
-    if case != "plain":
-        phase, d = case.split(" D=")
-        if path == "perforatedai":
-            model = perforatedai_model(model, int(d), x, y)
-        else:
-            model = dendritic_model(model, int(d), phase, path)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01,
-                          momentum=0.9)
+    floor = 1.0
+    if case != "plain":  # the FLOPs the case's math needs (the reference path) over the plain's
+        ref, plain = build(case, "reference", x, y), build("plain", "plain", x, y)
+        opts = sgd(ref), sgd(plain)
+        floor = flop_floor(lambda: train_step(ref, opts[0], x, y),
+                           lambda: train_step(plain, opts[1], x, y))
+    model = build(case, path, x, y)
+    opt = sgd(model)
     try:
         step, peak = prepare(mode, model, opt, x, y, peak_memory,
                              fullgraph=path in ("plain", FUSED))
@@ -176,5 +195,6 @@ def test_step(benchmark, peak_memory, tmp_path, monkeypatch, request, case, path
             raise
         pytest.skip(f"perforatedai under {mode}: {type(err).__name__}: {err}")
     benchmark.group = f"step {mode} {case}"
-    benchmark.extra_info.update(path=path, plain=f"step {mode} plain", peak_mb=peak)
+    benchmark.extra_info.update(path=path, plain=f"step {mode} plain", peak_mb=peak,
+                                flop_floor=floor)
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)

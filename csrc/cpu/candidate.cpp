@@ -26,11 +26,12 @@ struct CandAcc {
   int64_t taps() const { return (kStats + 1 + D) * Cout; }
 };
 
-// One line: a (pre-activation without cascade) is overwritten with dL/da.
-template <bool CH_INNER, typename T>
+// One line: a (pre-activation without cascade) is overwritten with dL/da; the sums go to acc
+// (float64, or T partial sums).
+template <bool CH_INNER, typename T, typename A>
 PBP_INLINE void cand_line(int64_t L, int64_t D, int64_t Cout, T* a, const T* const* s,
                           const T* casc, const T* e, const T* mean_e, const T* sign, T inv_n,
-                          double* acc, const CandAcc& ix) {
+                          A* acc, const CandAcc& ix) {
   for (int64_t j = 0; j < D; ++j) {
     const T* kap = casc + j * Cout;
     const T* sj = s[j];
@@ -39,20 +40,20 @@ PBP_INLINE void cand_line(int64_t L, int64_t D, int64_t Cout, T* a, const T* con
   if (CH_INNER) {
     for (int64_t i = 0; i < L; ++i) {
       const T v = sigmoid(a[i]), ei = e[i];
-      acc[ix.stat(0) + i] += double(v);
-      acc[ix.stat(1) + i] += double(ei);
-      acc[ix.stat(2) + i] += double(v * ei);
-      acc[ix.stat(3) + i] += double(ei * ei);
-      acc[ix.stat(4) + i] += double(v * v);
+      acc[ix.stat(0) + i] += A(v);
+      acc[ix.stat(1) + i] += A(ei);
+      acc[ix.stat(2) + i] += A(v * ei);
+      acc[ix.stat(3) + i] += A(ei * ei);
+      acc[ix.stat(4) + i] += A(v * v);
       a[i] = -sign[i] * (ei - mean_e[i]) * inv_n * v * (T(1) - v);
     }
   } else {
     for (int64_t i = 0; i < L; ++i) a[i] = sigmoid(a[i]);
-    acc[ix.stat(0)] += double(dot(L, (const T*)a, (const T*)nullptr));
-    acc[ix.stat(1)] += double(dot(L, e, (const T*)nullptr));
-    acc[ix.stat(2)] += double(dot(L, (const T*)a, e));
-    acc[ix.stat(3)] += double(dot(L, e, e));
-    acc[ix.stat(4)] += double(dot(L, (const T*)a, (const T*)a));
+    acc[ix.stat(0)] += A(dot(L, (const T*)a, (const T*)nullptr));
+    acc[ix.stat(1)] += A(dot(L, e, (const T*)nullptr));
+    acc[ix.stat(2)] += A(dot(L, (const T*)a, e));
+    acc[ix.stat(3)] += A(dot(L, e, e));
+    acc[ix.stat(4)] += A(dot(L, (const T*)a, (const T*)a));
     const T scale = -sign[0] * inv_n, me = mean_e[0];
     for (int64_t i = 0; i < L; ++i) a[i] = scale * (e[i] - me) * a[i] * (T(1) - a[i]);
   }
@@ -77,6 +78,7 @@ std::vector<double> dw_candidate(const Geom& g, const Args<T>& p) {
     const int64_t L = cl ? C : g.Wo;
     std::vector<T> a(L);
     std::vector<const T*> sl(D);
+    Partial<T> part(cl ? size : 0);  // NHWC: sums over kRun pixels in T
     for (int64_t n = n0; n < n1; ++n) {
       if (!cl) {
         for (int64_t c = 0; c < C; ++c) {
@@ -99,6 +101,7 @@ std::vector<double> dw_candidate(const Geom& g, const Args<T>& p) {
       }
       for (int64_t oh = 0; oh < g.Ho; ++oh) {
         for (int64_t ow = 0; ow < g.Wo; ++ow) {
+          if (ow % kRun == 0) part.flush(acc);
           if (p.b) std::copy(p.b, p.b + C, a.begin()); else std::fill(a.begin(), a.end(), T(0));
           for_pixel_taps(g, n, oh, ow, [&](int64_t tap, int64_t xo) {
             const T* xv = p.x + xo;
@@ -108,15 +111,16 @@ std::vector<double> dw_candidate(const Geom& g, const Args<T>& p) {
           const int64_t o = (n * HW + oh * g.Wo + ow) * C;
           for (int64_t k = 0; k < D; ++k) sl[k] = p.s[k] + o;
           cand_line<true>(C, D, C, a.data(), sl.data(), p.casc, p.e + o, p.mean_e, p.sign,
-                          p.inv_n, acc, ix);
+                          p.inv_n, part.data(), ix);
           for_pixel_taps(g, n, oh, ow, [&](int64_t tap, int64_t xo) {
             const T* xv = p.x + xo;
-            double* t = acc + ix.taps() + tap * C;
-            for (int64_t c = 0; c < C; ++c) t[c] += double(a[c] * xv[c]);
+            T* t = part.data() + ix.taps() + tap * C;
+            for (int64_t c = 0; c < C; ++c) t[c] += a[c] * xv[c];
           });
         }
       }
     }
+    part.flush(acc);
     (void)slice;
   });
 }
@@ -130,18 +134,21 @@ std::vector<double> candidate_epilogue(const Geom& g, T* a, const Args<T>& p) {
   const bool cl = g.channels_last;
   return chunked_sum(cl ? g.N * HW : g.N, ix.taps(), [&](int64_t l0, int64_t l1, double* acc) {
     std::vector<const T*> sl(D);
+    Partial<T> part(cl ? ix.taps() : 0);  // NHWC: sums over kRun pixels in T
     for (int64_t l = l0; l < l1; ++l) {
+      if (cl && (l - l0) % kRun == 0) part.flush(acc);
       for (int64_t c = 0; c < (cl ? 1 : C); ++c) {
         const int64_t o = cl ? l * C : (l * C + c) * HW;
         for (int64_t k = 0; k < D; ++k) sl[k] = p.s[k] + o;
         if (cl)
           cand_line<true>(C, D, C, a + o, sl.data(), p.casc, p.e + o, p.mean_e, p.sign, p.inv_n,
-                          acc, ix);
+                          part.data(), ix);
         else
           cand_line<false>(HW, D, C, a + o, sl.data(), p.casc + c, p.e + o, p.mean_e + c,
                            p.sign + c, p.inv_n, acc + c, ix);
       }
     }
+    if (cl) part.flush(acc);
   });
 }
 

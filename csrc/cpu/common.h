@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <vector>
 
 namespace pbp {
@@ -141,24 +142,41 @@ PBP_INLINE T dot(int64_t L, const T* u, const T* w, int64_t ws = 1) {
   return sum;
 }
 
-template <bool CH_INNER, typename T>
-PBP_INLINE void acc_add(double* acc, int64_t L, const T* u, const T* w) {
-  // acc (+c0 already applied) += sum over the line of u * w (w may be null: plain sum).
+template <bool CH_INNER, typename T, typename A>
+PBP_INLINE void acc_add(A* acc, int64_t L, const T* u, const T* w) {
+  // acc (+c0 already applied) += sum over the line of u * w (w may be null: plain sum); A is
+  // float64, or T for a short run of partial sums that the caller adds into float64.
   if (CH_INNER) {
-    if (w) for (int64_t i = 0; i < L; ++i) acc[i] += double(u[i] * w[i]);
-    else   for (int64_t i = 0; i < L; ++i) acc[i] += double(u[i]);
+    if (w) for (int64_t i = 0; i < L; ++i) acc[i] += A(u[i] * w[i]);
+    else   for (int64_t i = 0; i < L; ++i) acc[i] += A(u[i]);
   } else {
-    acc[0] += double(dot(L, u, w));
+    acc[0] += A(dot(L, u, w));
   }
 }
+
+// NHWC kernels sum this many lines (pixels) in T before they go to float64.
+constexpr int64_t kRun = 32;
+
+// Partial sums of a run of lines in T, added into the float64 accumulator by flush(): the
+// per-element float64 conversions of a line-by-line accumulation cost more than the math.
+template <typename T>
+struct Partial {
+  std::vector<T> v;
+  explicit Partial(int64_t size) : v(size, T(0)) {}
+  T* data() { return v.data(); }
+  void flush(double* acc) {
+    for (size_t i = 0; i < v.size(); ++i) acc[i] += double(v[i]);
+    std::fill(v.begin(), v.end(), T(0));
+  }
+};
 
 // The backward epilogue on one line: from g = dL/dy and the activations s, accumulate the
 // per-channel sums of BwdAcc (acc already offset by c0) and, when need_da, write
 // da[k] = dL/da_k = (g alpha_k + sum_{m>k} da_m kappa_{m,k}) s_k (1 - s_k).
-template <bool CH_INNER, typename T>
+template <bool CH_INNER, typename T, typename A>
 PBP_INLINE void bwd_line(int64_t L, int64_t D, int64_t Cout, const T* gy, const T* const* s,
                          const T* alpha, const T* casc, bool need_bias, bool need_alpha,
-                         bool need_da, T* const* da, double* acc, const BwdAcc& ix) {
+                         bool need_da, T* const* da, A* acc, const BwdAcc& ix) {
   if (need_bias) acc_add<CH_INNER>(acc + ix.bias(), L, gy, (const T*)nullptr);
   if (need_alpha)
     for (int64_t k = 0; k < D; ++k) acc_add<CH_INNER>(acc + ix.alpha(k), L, gy, s[k]);

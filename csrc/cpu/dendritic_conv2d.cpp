@@ -170,20 +170,6 @@ void epilogue_fwd(const Geom& g, const View<T>& main, const std::vector<View<T>>
 }
 
 
-// The weights of all members stacked for one convolution; for groups > 1 the members are
-// interleaved per group so that each group's output block holds main and dendrites together.
-at::Tensor stack_members(const std::vector<at::Tensor>& ws, int64_t groups) {
-  auto st = at::stack(ws);  // (M, Cout, ...)
-  const int64_t M = st.size(0), Cout = st.size(1);
-  auto shape = st.sizes().vec();
-  std::vector<int64_t> v = {M, groups, Cout / groups};
-  v.insert(v.end(), shape.begin() + 2, shape.end());
-  auto out = st.reshape(v).transpose(0, 1).contiguous();
-  std::vector<int64_t> flat = {M * Cout};
-  flat.insert(flat.end(), shape.begin() + 2, shape.end());
-  return out.reshape(flat);
-}
-
 // View of member m of a stacked, group-interleaved conv output (N, M * Cout, Ho, Wo).
 template <typename T>
 View<T> member_view(const at::Tensor& A, const Geom& g, int64_t M, int64_t m) {
@@ -456,7 +442,9 @@ std::vector<double> epilogue_bwd(const Geom& g, const View<T>& gy, const std::ve
     std::vector<T> tmp(D * L);
     std::vector<T*> dl(D);
     std::vector<const T*> sl(D);
+    Partial<T> part(cl ? ix.size() : 0);  // NHWC: sums over kRun pixels in T
     for (int64_t l = l0; l < l1; ++l) {
+      if (cl && (l - l0) % kRun == 0) part.flush(acc);
       for (int64_t c = 0; c < (cl ? 1 : C); ++c) {
         const int64_t n = cl ? l / HW : l, pix = cl ? l % HW : 0;
         for (int64_t k = 0; k < D; ++k) {
@@ -465,12 +453,13 @@ std::vector<double> epilogue_bwd(const Geom& g, const View<T>& gy, const std::ve
         }
         if (cl)
           bwd_line<true>(L, D, C, gy.at(n, c, pix), sl.data(), alpha, casc, mask[2], mask[5],
-                         need_da, dl.data(), acc, ix);
+                         need_da, dl.data(), part.data(), ix);
         else
           bwd_line<false>(L, D, C, gy.at(n, c, pix), sl.data(), alpha + c, casc + c, mask[2],
                           mask[5], need_da, dl.data(), acc + c, ix);
       }
     }
+    if (cl) part.flush(acc);
   });
 }
 
