@@ -1,0 +1,78 @@
+"""bench/conftest.py and bench/report.py: the FLOP floor counts a grouped conv's gradients at the
+cost of its forward, the block's floors are the dendrites' share of its convs, and the ratio
+table derives its columns from the medians of the same run."""
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))  # bench/conftest.py imports report
+
+
+def _load(name, file):
+    spec = importlib.util.spec_from_file_location(name, BENCH / file)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load("bench_conftest", "conftest.py")
+block = _load("bench_block", "test_block.py")
+report = _load("report", "report.py")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("groups", [1, 4, 8])
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_a_conv_gradient_costs_what_its_forward_costs(groups, x_grad):
+    n, c, hw, k = 2, 8, 6, 3
+    x = torch.randn(n, c, hw, hw, requires_grad=x_grad)
+    w = torch.randn(c, c // groups, k, k, requires_grad=True)
+    forward = 2 * n * c * hw * hw * (c // groups) * k * k  # multiply-adds x 2, padding 1
+    assert bench.step_flops(lambda: F.conv2d(x, w, padding=1, groups=groups)) == forward
+    flops = bench.step_flops(lambda: F.conv2d(x, w, padding=1, groups=groups).sum().backward())
+    assert flops == forward * (3 if x_grad else 2)
+
+
+@pytest.mark.parametrize("d", [0, 1, 3])
+def test_the_block_floor_is_the_dendrites_share_of_its_convs(d):
+    """Forward: 1 + D convs per conv. Neuron-phase step: forward, dL/dx and dL/dW of the main
+    convs (3 each) and the dendrites' forward only (frozen, perforated): (3 + D) / 3."""
+    forward, params, grad_y = block.make_block(d, channels_last=True)
+
+    def floor(mode):
+        return (bench.step_flops(block.block_step(forward, params, grad_y, mode, "reference"))
+                / bench.step_flops(block.block_step(forward, params, grad_y, mode, "plain")))
+
+    assert floor("forward") == pytest.approx(1 + d, rel=1e-12)
+    assert floor("forward_backward") == pytest.approx((3 + d) / 3, rel=1e-12)
+
+
+def _bench(group, path, median, **extra):
+    return SimpleNamespace(group=group, stats=SimpleNamespace(median=median),
+                           extra_info={"path": path, **extra})
+
+
+def test_the_table_gives_each_case_against_plain_and_its_floor():
+    rows = bench.ratio_rows([
+        _bench("plain", "plain", 0.100),
+        _bench("D=1", "reference", 0.300, plain="plain", flop_floor=4 / 3),
+        _bench("D=1", "cpp", 0.150, plain="plain", flop_floor=4 / 3),
+        _bench("D=0", "cpp", 0.110, plain="plain", flop_floor=1.0),
+    ])
+    by = {(r["group"], r["path"]): r for r in rows}
+    fused = by[("D=1", "cpp")]
+    assert fused["vs_plain"] == pytest.approx(1.5)
+    assert fused["speedup"] == pytest.approx(2.0)
+    assert fused["added_vs_floor"] == pytest.approx(0.5 / (1 / 3))  # 1.5x the added FLOPs
+    assert by[("D=1", "reference")]["added_vs_floor"] == pytest.approx(2.0 / (1 / 3))
+    assert "added_vs_floor" not in by[("D=0", "cpp")]  # no added FLOPs to divide by
+    text = report.table({"machine": "test", "rows": rows})
+    assert "| FLOP floor | added time / added FLOPs |" in text
+    assert "| D=1 (cpp) | 150.0 | 300.0 | **2.00x** | 1.50x | 1.33x | 1.50 |" in text
