@@ -5,6 +5,8 @@ file's name without .json); otherwise the tables are printed.
 
     pytest bench/test_block.py --benchmark-only --ratios-json bench/results/block.json
     python bench/report.py bench/results/block.json --readme docs/benchmarks.md
+    python bench/report.py bench/results/cpu.json --rows "forward_backward.*(cpp|plain)" \
+        --readme README.md       # only the rows whose "case (path)" matches
 """
 import argparse
 import json
@@ -24,8 +26,9 @@ COLUMNS = [  # header, row key, format; a column appears when some row has its k
 ]
 
 
-def table(data: dict) -> str:
-    rows = data["rows"]
+def table(data: dict, rows_like: str | None = None) -> str:
+    rows = [r for r in data["rows"]
+            if rows_like is None or re.search(rows_like, f"{r['group']} ({r['path']})")]
     cols = [c for c in COLUMNS if any(c[1] in r for r in rows)]
     lines = [f"Machine: {data['machine']}.", "",
              "| case | " + " | ".join(h for h, _, _ in cols) + " |",
@@ -48,8 +51,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", type=Path, help="--ratios-json files")
     p.add_argument("--readme", type=Path, help="write the tables into this file's markers")
+    p.add_argument("--rows", help="only the rows whose 'case (path)' matches this regex")
     args = p.parse_args(argv)
-    tables = {path.stem: table(json.loads(path.read_text())) for path in args.results}
+    tables = {path.stem: table(json.loads(path.read_text()), args.rows) for path in args.results}
     if args.readme is None:
         print("\n\n".join(tables.values()))
         return

@@ -76,3 +76,5 @@ def test_the_table_gives_each_case_against_plain_and_its_floor():
     text = report.table({"machine": "test", "rows": rows})
     assert "| FLOP floor | added time / added FLOPs |" in text
     assert "| D=1 (cpp) | 150.0 | 300.0 | **2.00x** | 1.50x | 1.33x | 1.50 |" in text
+    only = report.table({"machine": "test", "rows": rows}, rows_like=r"D=\d \(cpp\)")
+    assert "(cpp)" in only and "(reference)" not in only and "(plain)" not in only
