@@ -1,8 +1,9 @@
 """Step level: one training step (forward, cross-entropy, backward, SGD with momentum) of the CIFAR
 MobileNetV3-Small (32x32 inputs, 10 classes, channels_last), with its peak memory.
 
-Cases: the plain model (no conversion, path "plain"); the converted model with 1 and 3 dendrites
-per unit in the neuron phase (main weights and the newest alphas train, the dendrites are
+Cases: the plain model (no conversion, path "plain"); the converted model before any dendrite
+(neuron D=0: what converting a model costs in its first stage); with 1 and 3 dendrites per unit
+in the neuron phase (main weights and the newest alphas train, the dendrites are
 frozen); the dendrite phase with 0 and 1 trained dendrites (everything frozen but one candidate
 per unit, trained by the correlation objective from the backward pass).  Paths: the fused
 backend ("cpp" on the CPU, "triton" on CUDA), "reference" (every unit's ``backend``), and the
@@ -35,7 +36,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 BATCH = 256 if CUDA else 32
 FUSED = "triton" if CUDA else "cpp"
 ROUNDS = 30 if CUDA else 9
-CASES = [("plain", "plain")] + [
+CASES = [("plain", "plain"), ("neuron D=0", FUSED)] + [
     (case, path) for case in ("neuron D=1", "neuron D=3", "dendrite D=0", "dendrite D=1")
     for path in ("reference", FUSED) + (("perforatedai",) if case.startswith("neuron") else ())]
 
