@@ -271,19 +271,31 @@ def run_jobs(runs: list[tuple[Row, int]], jobs: int, argv: list[str], out: Path,
     return run_processes(specs, jobs, log)
 
 
-def run_processes(specs: list[tuple[str, list[str], Path]], jobs: int, log=print) -> int:
+def run_processes(specs: list[tuple[str, list[str], Path]], jobs: int, log=print,
+                  after: dict[str, str] | None = None) -> int:
     """Run each ``(label, command, log file)`` in a process of its own, ``jobs`` at a time, in
-    order, and return how many failed.  Each child gets cpu_count // jobs threads (unless
-    OMP_NUM_THREADS is set) and, with several GPUs (:func:`gpus`), the one running the fewest
-    children.  A child's lines starting with "   test " are its result."""
+    order, and return how many failed.  ``after`` maps a label to the label of a run that has
+    to finish first: the first run in order whose run to wait for has finished starts next
+    (one whose run to wait for failed fails too).  Each child gets cpu_count // jobs threads
+    (unless OMP_NUM_THREADS is set) and, with several GPUs (:func:`gpus`), the one running the
+    fewest children.  A child's lines starting with "   test " are its result."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     devices = gpus()
+    after = after or {}
     queue = list(specs)
-    running, failed = {}, []
+    running, failed, done = {}, [], set()
     while queue or running:
-        while queue and len(running) < jobs:
-            label, cmd, logfile = queue.pop(0)
+        for spec in [sp for sp in queue if after.get(sp[0]) in failed]:
+            queue.remove(spec)
+            failed.append(spec[0])
+            log(f"!! {spec[0]} not run: {after[spec[0]]} failed")
+        while len(running) < jobs:
+            ready = [sp for sp in queue if after.get(sp[0]) in (None, *done)]
+            if not ready:
+                break
+            queue.remove(ready[0])
+            label, cmd, logfile = ready[0]
             logfile.parent.mkdir(parents=True, exist_ok=True)
             gpu, where = None, ""
             if len(devices) > 1:
@@ -293,9 +305,16 @@ def run_processes(specs: list[tuple[str, list[str], Path]], jobs: int, log=print
                 proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
             running[proc] = (label, logfile, gpu)
             log(f"== started {label}{where} (log {logfile})")
+        if not running:  # what is left waits for runs that are not in the queue
+            for label, _, _ in queue:
+                failed.append(label)
+                log(f"!! {label} not run: {after[label]} is not among the runs")
+            break
         proc = _wait_any(running)
         label, logfile, _ = running.pop(proc)
+        done.add(label)
         if proc.returncode:
+            done.discard(label)
             failed.append(label)
             tail = logfile.read_text().splitlines()[-15:]
             log(f"!! {label} failed (exit {proc.returncode}):\n   " + "\n   ".join(tail))

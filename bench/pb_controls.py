@@ -315,17 +315,20 @@ def main(argv=None) -> int:
         prepare_data(args.data, args.out, None)
         shared = ["--data", args.data, "--out", str(args.out), "--results", str(args.results),
                   "--concurrent", str(args.jobs)]
-        # seed by seed, pb first (the longest); then the arms that need its record
-        waves = [[a for a in arms if a not in DEPENDENT], [a for a in arms if a in DEPENDENT]]
-        failed = 0
-        for wave in waves:
-            specs = [(f"{args.setup} {arm} seed {seed}",
-                      [sys.executable, str(Path(__file__).resolve()), "--setup", args.setup,
-                       "--arm", arm, "--seeds", str(seed), *shared],
-                      args.out / args.setup / arm / f"seed{seed}.log")
-                     for seed in seeds for arm in sorted(wave, key=lambda a: a != "pb")]
-            failed += run_processes(specs, args.jobs) if specs else 0
-        return 1 if failed else 0
+        # the pb runs first (the longest), then the arms that need a pb record, each as soon as
+        # its seed's pb run has finished, then the rest
+        def label(arm, seed):
+            return f"{args.setup} {arm} seed {seed}"
+
+        order = [("pb" in arms and arm == "pb", arm in DEPENDENT) for arm in arms]
+        jobs = [(arm, seed) for rank in ((True, False), (False, True), (False, False))
+                for seed in seeds for arm, o in zip(arms, order) if o == rank]
+        specs = [(label(arm, seed), [sys.executable, str(Path(__file__).resolve()), "--setup",
+                                     args.setup, "--arm", arm, "--seeds", str(seed), *shared],
+                  args.out / args.setup / arm / f"seed{seed}.log") for arm, seed in jobs]
+        after = {label(arm, seed): label("pb", seed) for arm, seed in jobs
+                 if arm in DEPENDENT and "pb" in arms}
+        return 1 if run_processes(specs, args.jobs, after=after) else 0
     for arm in arms:
         for seed in seeds:
             run_arm(args.setup, arm, seed, args.data, args.out, args.results, args.concurrent)

@@ -121,3 +121,26 @@ def test_jobs_run_side_by_side_and_report_failures(tmp_path, capsys, monkeypatch
     started = [line.split(" on GPU ")[1].split()[0] for line in printed.splitlines()
                if line.startswith("== started")]
     assert sorted(started[:2]) == ["3", "5"] and started[2] in ("3", "5")
+
+
+def test_a_run_waits_for_the_run_it_needs_and_fails_with_it(tmp_path, capsys):
+    """``after``: a run starts only once the run it needs has finished (others go first), and
+    is not run when that one failed or is not among the runs."""
+    stamps = tmp_path / "order.txt"
+
+    def spec(label, code=0, sleep=0.0):
+        script = (f"import time; time.sleep({sleep}); "
+                  f"open({str(stamps)!r}, 'a').write({label!r} + '\\n'); raise SystemExit({code})")
+        return label, [sys.executable, "-c", script], tmp_path / f"{label}.log"
+
+    specs = [spec("pb0", sleep=0.5), spec("restarts0"), spec("base0"), spec("pb1", code=1),
+             spec("restarts1"), spec("orphan")]
+    after = {"restarts0": "pb0", "restarts1": "pb1", "orphan": "pb9"}
+    assert table.run_processes(specs, 2, after=after) == 3
+    order = stamps.read_text().split()
+    assert order.index("restarts0") > order.index("pb0")   # waited for its pb run ...
+    assert order.index("base0") < order.index("pb0")       # ... while another ran
+    assert "restarts1" not in order and "orphan" not in order
+    printed = capsys.readouterr().out
+    assert "!! restarts1 not run: pb1 failed" in printed
+    assert "!! orphan not run: pb9 is not among the runs" in printed
