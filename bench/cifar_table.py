@@ -312,13 +312,12 @@ def run_processes(specs: list[tuple[str, list[str], Path]], jobs: int, log=print
             break
         proc = _wait_any(running)
         label, logfile, _ = running.pop(proc)
-        done.add(label)
         if proc.returncode:
-            done.discard(label)
             failed.append(label)
             tail = logfile.read_text().splitlines()[-15:]
             log(f"!! {label} failed (exit {proc.returncode}):\n   " + "\n   ".join(tail))
         else:
+            done.add(label)
             last = [ln for ln in logfile.read_text().splitlines() if ln.startswith("   test ")]
             log(f"== finished {label}:{last[-1][2:] if last else ''}")
     if failed:

@@ -320,9 +320,11 @@ def main(argv=None) -> int:
         def label(arm, seed):
             return f"{args.setup} {arm} seed {seed}"
 
-        order = [("pb" in arms and arm == "pb", arm in DEPENDENT) for arm in arms]
-        jobs = [(arm, seed) for rank in ((True, False), (False, True), (False, False))
-                for seed in seeds for arm, o in zip(arms, order) if o == rank]
+        def rank(arm):
+            return 0 if arm == "pb" else 1 if arm in DEPENDENT else 2
+
+        jobs = sorted(((arm, seed) for seed in seeds for arm in arms),
+                      key=lambda job: (rank(job[0]), seeds.index(job[1])))
         specs = [(label(arm, seed), [sys.executable, str(Path(__file__).resolve()), "--setup",
                                      args.setup, "--arm", arm, "--seeds", str(seed), *shared],
                   args.out / args.setup / arm / f"seed{seed}.log") for arm, seed in jobs]

@@ -358,7 +358,8 @@ void dw_bwd(const Geom& g, const T* gy, const T* x, const T* w /* main taps or n
   const bool cl = g.channels_last;
   out = chunked_sum(g.N, ax.size(), [&](int64_t n0, int64_t n1, double* acc) {
     const int64_t L = cl ? C : g.Wo;
-    std::vector<T> dabuf(D * L), taps(cl ? (1 + D) * KK * C : 0);  // taps: NHWC row sums
+    std::vector<T> dabuf(D * L);
+    Partial<T> taps(cl ? (1 + D) * KK * C : 0);  // NHWC: a row's kernel-gradient sums
     std::vector<T*> da(D);
     std::vector<const T*> sl(D);
     for (int64_t k = 0; k < D; ++k) da[k] = dabuf.data() + k * L;
@@ -394,7 +395,6 @@ void dw_bwd(const Geom& g, const T* gy, const T* x, const T* w /* main taps or n
       }
       if (gx) std::fill(gx + n * g.H * g.W * C, gx + (n + 1) * g.H * g.W * C, T(0));
       for (int64_t oh = 0; oh < g.Ho; ++oh) {
-        std::fill(taps.begin(), taps.end(), T(0));
         for (int64_t ow = 0; ow < g.Wo; ++ow) {
           const int64_t pix = oh * g.Wo + ow;
           const T* gl = gy + (n * g.HW() + pix) * C;
@@ -419,8 +419,7 @@ void dw_bwd(const Geom& g, const T* gy, const T* x, const T* w /* main taps or n
             }
           });
         }
-        // the row's kernel-gradient partial sums (in T) go to the float64 accumulator
-        for (int64_t i = 0; i < (1 + D) * KK * C; ++i) acc[ax.gw() + i] += double(taps[i]);
+        taps.flush(acc + ax.gw());  // the row's partial sums (in T) into float64
       }
     }
   });
