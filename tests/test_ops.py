@@ -227,17 +227,21 @@ def test_alpha_zero_adds_exact_zeros():
     assert torch.equal(run(t, conv, "cpp")[0], base)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("stride,dilation,k", [(1, 1, 3), (2, 1, 3), (1, 2, 5), (2, 1, 1)])
-def test_depthwise_nhwc_pixel_blocks_and_channel_tails(stride, dilation, k):
-    """Wide rows (interior pixel blocks and single border pixels) and 37 channels (blocks of 16,
-    of 4 and single channels) of the channels_last depthwise kernel."""
+def test_depthwise_nhwc_pixel_blocks_and_channel_tails(stride, dilation, k, dtype):
+    """Wide rows (interior pixel blocks and single border pixels) and 45 channels (blocks of two
+    vectors, of one vector and single channels: 32 + 8 + 5 in float32, 40 + 4 + 1 in float64)
+    of the channels_last depthwise kernel."""
     g = torch.Generator().manual_seed(k)
-    x = torch.randn(2, 37, 5, 23, generator=g).contiguous(memory_format=torch.channels_last)
-    t = dict(x=x, weight=torch.randn(37, 1, k, k, generator=g), bias=torch.randn(37, generator=g),
-             d_weight=torch.randn(2, 37, 1, k, k, generator=g), d_bias=None,
-             d_scale=torch.randn(2, 37, generator=g), d_cascade=torch.randn(2, 2, 37, generator=g),
-             base=None)
-    conv = dict(stride=stride, padding=(k // 2) * dilation, dilation=dilation, groups=37)
+    c = 45
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+    x = rnd(2, c, 5, 23).contiguous(memory_format=torch.channels_last)
+    t = dict(x=x, weight=rnd(c, 1, k, k), bias=rnd(c), d_weight=rnd(2, c, 1, k, k), d_bias=None,
+             d_scale=rnd(2, c), d_cascade=rnd(2, 2, c), base=None)
+    conv = dict(stride=stride, padding=(k // 2) * dilation, dilation=dilation, groups=c)
     y_ref, s_ref, _ = run(t, conv, "reference")
     y, s, _ = run(t, conv, "cpp")
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)

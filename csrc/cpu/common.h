@@ -53,6 +53,16 @@ inline at::Tensor empty_stacked(int64_t D, const Geom& g, const at::TensorOption
   return at::empty({D, g.N, g.Cout, g.Ho, g.Wo}, opt);
 }
 
+// A 32-byte vector of T (GCC/Clang vector extension; one AVX register, two SSE ones): kernels
+// keep small arrays of these in registers where the compiler spills the equivalent scalars.
+template <typename T>
+struct Simd {
+  static constexpr int64_t W = 32 / sizeof(T);
+  typedef T V __attribute__((vector_size(32)));
+  static PBP_INLINE V load(const T* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
+  static PBP_INLINE void store(T* p, const V& v) { std::memcpy(p, &v, sizeof v); }
+};
+
 // exp for float that the compiler vectorises: 2^n * p(r), |rel err| < 2e-7 on the clamped range.
 PBP_INLINE float fast_exp(float x) {
   x = x < -87.0f ? -87.0f : x;

@@ -1,11 +1,12 @@
 // CPU kernels of pbp_fast::dendritic_conv2d_fwd / _bwd.
 //
-// Depthwise convs (groups == Cin == Cout) run a direct kernel that computes the main conv and all
-// D dendrites from one read of each input window and applies the epilogue in registers/L1
-// (NCHW: one output row of one plane at a time; NHWC: one output pixel, all channels).
-// Other convs run one ATen convolution over the stacked weights [W; W_0; ...; W_{D-1}] (one pass
-// over the input) followed by the fused epilogue. The backward is perforated: x receives the
-// gradient of the main conv only.
+// Channels-last depthwise convs (groups == Cin == Cout) run a direct kernel that computes the main
+// conv and all D dendrites for a block of output pixels, all channels, and applies the epilogue
+// in L1. 1x1 convs run one GEMM per tile over the stacked weights [W; W_0; ...; W_{D-1}]; other
+// convs (NCHW depthwise included: ATen's is faster than a direct loop over 32-pixel rows) run
+// ATen convolutions followed by the fused epilogue. The backward is the fused epilogue's sums
+// plus ATen (or GEMMs) for the conv-shaped gradients; it is perforated: x receives the gradient
+// of the main conv only.
 #include "common.h"
 
 #include <torch/library.h>
@@ -41,28 +42,46 @@ struct DwTaps {
 };
 
 // out[p * C + c] = bias[c] + sum_t w[woff[t] + c] * x[xoff[t] + p * step + c] for channels
-// c0 .. c0 + CB - 1, with P x CB accumulators in registers.
-template <int64_t P, int64_t CB, typename T>
+// c0 .. c0 + NV * W - 1 (W lanes a vector), with P x NV vector accumulators in registers.
+template <int64_t P, int64_t NV, typename T>
 PBP_INLINE void dw_channels(const DwTaps<T>& tp, const T* bias, int64_t C, int64_t c0, T* out) {
-  T reg[P][CB];
-  for (int64_t p = 0; p < P; ++p)
-    for (int64_t c = 0; c < CB; ++c) reg[p][c] = bias ? bias[c0 + c] : T(0);
+  using S = Simd<T>;
+  typename S::V reg[P][NV];
+  for (int64_t v = 0; v < NV; ++v) {
+    const auto b0 = bias ? S::load(bias + c0 + v * S::W) : typename S::V{};
+    for (int64_t p = 0; p < P; ++p) reg[p][v] = b0;
+  }
   for (int64_t t = 0; t < tp.nt; ++t) {
     const T* xv = tp.x + tp.xoff[t] + c0;
     const T* wv = tp.w + tp.woff[t] + c0;
-    for (int64_t p = 0; p < P; ++p)
-      for (int64_t c = 0; c < CB; ++c) reg[p][c] += wv[c] * xv[p * tp.step + c];
+    for (int64_t v = 0; v < NV; ++v) {
+      const auto wq = S::load(wv + v * S::W);
+      for (int64_t p = 0; p < P; ++p) reg[p][v] += wq * S::load(xv + p * tp.step + v * S::W);
+    }
   }
   for (int64_t p = 0; p < P; ++p)
-    for (int64_t c = 0; c < CB; ++c) out[p * C + c0 + c] = reg[p][c];
+    for (int64_t v = 0; v < NV; ++v) S::store(out + p * C + c0 + v * S::W, reg[p][v]);
+}
+
+// The same for the channels left over (fewer than one vector): scalar accumulators.
+template <int64_t P, typename T>
+PBP_INLINE void dw_channel(const DwTaps<T>& tp, const T* bias, int64_t C, int64_t c, T* out) {
+  T reg[P];
+  for (int64_t p = 0; p < P; ++p) reg[p] = bias ? bias[c] : T(0);
+  for (int64_t t = 0; t < tp.nt; ++t) {
+    const T wv = tp.w[tp.woff[t] + c];
+    for (int64_t p = 0; p < P; ++p) reg[p] += wv * tp.x[tp.xoff[t] + p * tp.step + c];
+  }
+  for (int64_t p = 0; p < P; ++p) out[p * C + c] = reg[p];
 }
 
 template <int64_t P, typename T>
 PBP_INLINE void dw_pixels(const DwTaps<T>& tp, const T* bias, int64_t C, T* out) {
+  constexpr int64_t W = Simd<T>::W;
   int64_t c0 = 0;
-  for (; c0 + 16 <= C; c0 += 16) dw_channels<P, 16>(tp, bias, C, c0, out);
-  for (; c0 + 4 <= C; c0 += 4) dw_channels<P, 4>(tp, bias, C, c0, out);
-  for (; c0 < C; ++c0) dw_channels<P, 1>(tp, bias, C, c0, out);
+  for (; c0 + 2 * W <= C; c0 += 2 * W) dw_channels<P, 2>(tp, bias, C, c0, out);
+  for (; c0 + W <= C; c0 += W) dw_channels<P, 1>(tp, bias, C, c0, out);
+  for (; c0 < C; ++c0) dw_channel<P>(tp, bias, C, c0, out);
 }
 
 template <typename T>
@@ -72,30 +91,6 @@ void dw_fwd(const Geom& g, const T* x, const std::vector<const T*>& w,
   const int64_t M = (int64_t)w.size(), D = M - (has_main ? 1 : 0), C = g.Cout;
   const int64_t KK = g.KH * g.KW;
   const bool save = !s.empty();
-  if (!g.channels_last) {
-    at::parallel_for(0, g.N * C, 1, [&](int64_t p0, int64_t p1) {
-      std::vector<T> acc(M * g.Wo), tmp(D * g.Wo);
-      std::vector<const T*> a(D);
-      std::vector<T*> sl(D);
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t n = p / C, c = p % C;
-        const T* xp = x + p * g.H * g.W;
-        for (int64_t oh = 0; oh < g.Ho; ++oh) {
-          for (int64_t m = 0; m < M; ++m)
-            dw_row(g, oh, xp, w[m] + c * KK, b[m] ? b[m][c] : T(0), acc.data() + m * g.Wo);
-          const int64_t pix = oh * g.Wo;
-          for (int64_t k = 0; k < D; ++k) {
-            a[k] = acc.data() + (M - D + k) * g.Wo;
-            sl[k] = save ? s[k].at(n, c, pix) : tmp.data() + k * g.Wo;
-          }
-          fwd_line<false>(g.Wo, D, C, (const T*)base.at(n, c, pix),
-                          has_main ? (const T*)acc.data() : nullptr, a.data(), alpha + c,
-                          casc + c, y.at(n, c, pix), sl.data());
-        }
-      }
-    });
-    return;
-  }
   // NHWC: w[m] holds the transposed taps (KH*KW, C). Output pixels go in blocks of PB along a
   // row where every horizontal tap is inside the image (one tap list serves the block; PB x CB
   // independent accumulators keep the FMA units busy), one by one near the borders.
@@ -289,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(
     const View<T> yv = view_of<T>(y, g), bv = view_of<T>(base, g);
     const T* alpha = d_scale.data_ptr<T>();
     const T* casc = d_cascade.data_ptr<T>();
-    if (is_depthwise(g)) {
+    if (is_depthwise(g) && g.channels_last) {
       std::vector<at::Tensor> keep = member_weights(weight, d_weight);
       std::vector<const T*> w, b;
       for (auto& t : keep) {
@@ -339,93 +334,6 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(
 }
 
 // ---------------------------------------------------------------- backward
-// Sizes of the depthwise kernel sums that follow BwdAcc in the accumulator.
-struct DwAcc {
-  BwdAcc ix;
-  int64_t KK;
-  int64_t gw() const { return ix.size(); }                      // (C, KK) or (KK, C)
-  int64_t gdw(int64_t k) const { return ix.size() + (1 + k) * ix.Cout * KK; }
-  int64_t size() const { return ix.size() + (1 + ix.D) * ix.Cout * KK; }
-};
-
-template <typename T>
-void dw_bwd(const Geom& g, const T* gy, const T* x, const T* w /* main taps or null */,
-            const std::vector<View<T>>& s, const T* alpha, const T* casc, T* gx,
-            const bool* mask, std::vector<double>& out) {
-  const int64_t D = (int64_t)s.size(), C = g.Cout, KK = g.KH * g.KW;
-  const DwAcc ax{BwdAcc{D, C}, KK};
-  const bool need_da = mask[3] || mask[4] || mask[6];
-  const bool cl = g.channels_last;
-  out = chunked_sum(g.N, ax.size(), [&](int64_t n0, int64_t n1, double* acc) {
-    const int64_t L = cl ? C : g.Wo;
-    std::vector<T> dabuf(D * L);
-    Partial<T> taps(cl ? (1 + D) * KK * C : 0);  // NHWC: a row's kernel-gradient sums
-    std::vector<T*> da(D);
-    std::vector<const T*> sl(D);
-    for (int64_t k = 0; k < D; ++k) da[k] = dabuf.data() + k * L;
-    for (int64_t n = n0; n < n1; ++n) {
-      if (!cl) {
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t plane = n * C + c;
-          const T* xp = x + plane * g.H * g.W;
-          T* gxp = gx ? gx + plane * g.H * g.W : nullptr;
-          if (gxp) std::fill(gxp, gxp + g.H * g.W, T(0));  // this chunk owns the plane
-          for (int64_t oh = 0; oh < g.Ho; ++oh) {
-            const T* gl = gy + plane * g.HW() + oh * g.Wo;
-            for (int64_t k = 0; k < D; ++k) sl[k] = s[k].at(n, c, oh * g.Wo);
-            bwd_line<false>(g.Wo, D, C, gl, sl.data(), alpha + c, casc + c, mask[2], mask[5],
-                            need_da, da.data(), acc + c, ax.ix);
-            for_row_taps(g, oh, xp, [&](int64_t tap, int64_t ih, const T* xo, int64_t lo,
-                                        int64_t hi) {
-              const int64_t off = xo - (xp + ih * g.W);
-              if (gxp) {
-                T* gr = gxp + ih * g.W + off;
-                const T wv = w[c * KK + tap];
-                for (int64_t ow = lo; ow < hi; ++ow) gr[ow * g.SW] += wv * gl[ow];
-              }
-              if (mask[1])
-                acc[ax.gw() + c * KK + tap] += double(dot(hi - lo, gl + lo, xo + lo * g.SW, g.SW));
-              for (int64_t k = 0; mask[3] && k < D; ++k)
-                acc[ax.gdw(k) + c * KK + tap] +=
-                    double(dot(hi - lo, da[k] + lo, xo + lo * g.SW, g.SW));
-            });
-          }
-        }
-        continue;
-      }
-      if (gx) std::fill(gx + n * g.H * g.W * C, gx + (n + 1) * g.H * g.W * C, T(0));
-      for (int64_t oh = 0; oh < g.Ho; ++oh) {
-        for (int64_t ow = 0; ow < g.Wo; ++ow) {
-          const int64_t pix = oh * g.Wo + ow;
-          const T* gl = gy + (n * g.HW() + pix) * C;
-          for (int64_t k = 0; k < D; ++k) sl[k] = s[k].at(n, 0, pix);
-          bwd_line<true>(C, D, C, gl, sl.data(), alpha, casc, mask[2], mask[5], need_da,
-                         da.data(), acc, ax.ix);
-          for_pixel_taps(g, n, oh, ow, [&](int64_t tap, int64_t xo) {
-            const T* xv = x + xo;
-            if (gx) {
-              T* gv = gx + xo;
-              const T* wv = w + tap * C;
-              for (int64_t c = 0; c < C; ++c) gv[c] += wv[c] * gl[c];
-            }
-            if (mask[1]) {
-              T* a = taps.data() + tap * C;
-              for (int64_t c = 0; c < C; ++c) a[c] += gl[c] * xv[c];
-            }
-            for (int64_t k = 0; mask[3] && k < D; ++k) {
-              T* a = taps.data() + ((1 + k) * KK + tap) * C;
-              const T* dk = da[k];
-              for (int64_t c = 0; c < C; ++c) a[c] += dk[c] * xv[c];
-            }
-          });
-        }
-        taps.flush(acc + ax.gw());  // the row's partial sums (in T) into float64
-      }
-    }
-  });
-}
-
-
 // Epilogue backward over a (N, Cout, Ho, Wo) gradient: the per-channel sums, and da written to
 // `da` views when given.
 template <typename T>
@@ -499,7 +407,7 @@ bwd_cpu(const at::Tensor& grad_y_, const at::Tensor& x_, const std::optional<at:
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // ATen calls inside are not recorded
   const Geom g = make_geom(x_, d_weight, stride, padding, dilation, groups);
   const auto fmt = format_of(g.channels_last);
-  const int64_t D = d_weight.size(0), C = g.Cout, KK = g.KH * g.KW;
+  const int64_t D = d_weight.size(0), C = g.Cout;
   auto weight = opt_or(weight_);
   bool mask[7];
   for (int i = 0; i < 7; ++i) mask[i] = mask_in[i];
@@ -512,11 +420,9 @@ bwd_cpu(const at::Tensor& grad_y_, const at::Tensor& x_, const std::optional<at:
                                           : at::zeros({D, D, C}, d_scale.options());
   auto opt = x.options();
   auto none = [&] { return at::empty({0}, opt); };  // a masked-off output (never shared)
-  // grad_x: the depthwise kernel zeroes what it owns; ATen's conv backward writes it whole.
-  at::Tensor gx = mask[0] ? at::empty(x.sizes(), opt.memory_format(fmt)) : none();
-  if (mask[0] && g.N == 0) gx.zero_();
-  at::Tensor gw = none(), gb = none(), gdw = none(), gdb = none(), gds = none(), gdc = none();
+  at::Tensor gx = none(), gw = none(), gb = none(), gdw = none(), gdb = none(), gds = none(), gdc = none();
   if (g.N == 0) {
+    if (mask[0]) gx = at::zeros(x.sizes(), opt.memory_format(fmt));
     if (mask[1]) gw = at::zeros_like(weight);
     if (mask[2]) gb = at::zeros({C}, opt);
     if (mask[3]) gdw = at::zeros_like(d_weight);
@@ -531,74 +437,47 @@ bwd_cpu(const at::Tensor& grad_y_, const at::Tensor& x_, const std::optional<at:
     using T = scalar_t;
     std::vector<View<T>> sv;
     for (int64_t k = 0; k < D && s_.dim() == 5; ++k) sv.push_back(view_of<T>(s_[k], g));
-    const bool need_da = mask[3] || mask[4] || mask[6];
     if (sv.empty() && D > 0) {  // only main-conv gradients requested, no activations saved
       for (auto i : {3, 4, 5, 6}) mask[i] = false;
     }
     const int64_t Ds = (int64_t)sv.size();
     const T* alpha = d_scale.data_ptr<T>();
     const T* casc = d_cascade.data_ptr<T>();
-    // The depthwise pass pays for its kernel-gradient sums on every row: take it only when a
-    // conv-shaped gradient is wanted (not in the neuron phase, where only alpha trains).
-    if (is_depthwise(g) && (mask[0] || mask[1] || (mask[3] && Ds > 0))) {
-      at::Tensor wt;
-      if (weight.defined())
-        wt = g.channels_last ? weight.reshape({C, KK}).t().contiguous() : weight.contiguous();
-      const T* w = wt.defined() ? wt.data_ptr<T>() : nullptr;
-      const Geom gs = g;
-      std::vector<View<T>> svs(sv.begin(), sv.begin() + Ds);
-      dw_bwd<T>(gs, gy.data_ptr<T>(), x.data_ptr<T>(), w, svs, alpha, casc,
-                  mask[0] ? gx.data_ptr<T>() : nullptr, mask, acc);
-      const DwAcc ax{ix, KK};
-      auto taps = [&](int64_t off) {  // (C, 1, KH, KW) from the accumulator's layout
-        auto t = g.channels_last ? from_acc(acc, off, {KK, C}, opt).t().contiguous()
-                                 : from_acc(acc, off, {C, KK}, opt);
-        return t.reshape({C, 1, g.KH, g.KW});
-      };
-      if (mask[1]) gw = taps(ax.gw());
-      if (mask[3] && D > 0) {
+    at::Tensor da_all;  // dL/da_k stacked like a conv output with D * Cout channels
+    std::vector<View<T>> dav;
+    if (mask[3] && Ds > 0) {
+      da_all = at::empty({g.N, D * C, g.Ho, g.Wo}, opt.memory_format(fmt));
+      for (int64_t k = 0; k < D; ++k) dav.push_back(member_view<T>(da_all, g, D, k));
+    }
+    if (Ds > 0 || mask[2]) {
+      acc = epilogue_bwd<T>(g, view_of<T>(gy, g), sv, alpha, casc, mask, dav);
+    }
+    if (is_pointwise(g)) {  // 1x1: the gradients are GEMMs over pixels
+      if (mask[0]) gx = pw_grad_input(g, gy, weight);
+      if (mask[1]) gw = pw_grad_weight(g, gy, x).view(weight.sizes());
+      if (mask[3] && Ds > 0) gdw = pw_grad_weight(g, da_all, x).view(d_weight.sizes());
+      return;
+    }
+    if (mask[0] || mask[1]) {
+      auto r = at::convolution_backward(gy, x, weight, std::nullopt, stride, padding, dilation,
+                                        false, {0, 0}, groups, {mask[0], mask[1], false});
+      if (mask[0]) gx = std::get<0>(r);
+      if (mask[1]) gw = std::get<1>(r);
+    }
+    if (mask[3] && Ds > 0) {
+      if (groups == 1) {
+        auto wd = d_weight.reshape({D * C, d_weight.size(2), g.KH, g.KW});
+        gdw = std::get<1>(at::convolution_backward(da_all, x, wd, std::nullopt, stride,
+                                                   padding, dilation, false, {0, 0}, 1,
+                                                   {false, true, false}))
+                  .reshape(d_weight.sizes());
+      } else {
         std::vector<at::Tensor> ks;
-        for (int64_t k = 0; k < D; ++k) ks.push_back(taps(ax.gdw(k)));
+        for (int64_t k = 0; k < D; ++k)
+          ks.push_back(std::get<1>(at::convolution_backward(
+              da_all.narrow(1, k * C, C).contiguous(fmt), x, d_weight[k], std::nullopt,
+              stride, padding, dilation, false, {0, 0}, groups, {false, true, false})));
         gdw = at::stack(ks);
-      }
-    } else {
-      at::Tensor da_all;  // dL/da_k stacked like a conv output with D * Cout channels
-      std::vector<View<T>> dav;
-      if (mask[3] && Ds > 0) {
-        da_all = at::empty({g.N, D * C, g.Ho, g.Wo}, opt.memory_format(fmt));
-        for (int64_t k = 0; k < D; ++k) dav.push_back(member_view<T>(da_all, g, D, k));
-      }
-      if (Ds > 0 || mask[2]) {
-        acc = epilogue_bwd<T>(g, view_of<T>(gy, g), sv, alpha, casc, mask, dav);
-      }
-      (void)need_da;
-      if (is_pointwise(g)) {  // 1x1: the gradients are GEMMs over pixels
-        if (mask[0]) gx = pw_grad_input(g, gy, weight);
-        if (mask[1]) gw = pw_grad_weight(g, gy, x).view(weight.sizes());
-        if (mask[3] && Ds > 0) gdw = pw_grad_weight(g, da_all, x).view(d_weight.sizes());
-        return;
-      }
-      if (mask[0] || mask[1]) {
-        auto r = at::convolution_backward(gy, x, weight, std::nullopt, stride, padding, dilation,
-                                          false, {0, 0}, groups, {mask[0], mask[1], false});
-        if (mask[0]) gx = std::get<0>(r);
-        if (mask[1]) gw = std::get<1>(r);
-      }
-      if (mask[3] && Ds > 0) {
-        if (groups == 1) {
-          auto wd = d_weight.reshape({D * C, d_weight.size(2), g.KH, g.KW});
-          gdw = std::get<1>(at::convolution_backward(da_all, x, wd, std::nullopt, stride,
-                                                     padding, dilation, false, {0, 0}, 1,
-                                                     {false, true, false}))
-                    .reshape(d_weight.sizes());
-        } else {
-          std::vector<at::Tensor> ks;
-          for (int64_t k = 0; k < D; ++k)
-            ks.push_back(std::get<1>(at::convolution_backward(
-                da_all.narrow(1, k * C, C).contiguous(fmt), x, d_weight[k], std::nullopt,
-                stride, padding, dilation, false, {0, 0}, groups, {false, true, false})));
-          gdw = at::stack(ks);
-        }
       }
     }
   });
