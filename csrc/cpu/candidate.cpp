@@ -37,26 +37,18 @@ PBP_INLINE void cand_line(int64_t L, int64_t D, int64_t Cout, T* a, const T* con
     const T* sj = s[j];
     for (int64_t i = 0; i < L; ++i) a[i] = a[i] + param<CH_INNER>(kap, i) * sj[i];
   }
-  if (CH_INNER) {
-    for (int64_t i = 0; i < L; ++i) {
-      const T v = sigmoid(a[i]), ei = e[i];
-      acc[ix.stat(0) + i] += A(v);
-      acc[ix.stat(1) + i] += A(ei);
-      acc[ix.stat(2) + i] += A(v * ei);
-      acc[ix.stat(3) + i] += A(ei * ei);
-      acc[ix.stat(4) + i] += A(v * v);
-      a[i] = -sign[i] * (ei - mean_e[i]) * inv_n * v * (T(1) - v);
-    }
-  } else {
-    for (int64_t i = 0; i < L; ++i) a[i] = sigmoid(a[i]);
-    acc[ix.stat(0)] += A(dot(L, (const T*)a, (const T*)nullptr));
-    acc[ix.stat(1)] += A(dot(L, e, (const T*)nullptr));
-    acc[ix.stat(2)] += A(dot(L, (const T*)a, e));
-    acc[ix.stat(3)] += A(dot(L, e, e));
-    acc[ix.stat(4)] += A(dot(L, (const T*)a, (const T*)a));
-    const T scale = -sign[0] * inv_n, me = mean_e[0];
-    for (int64_t i = 0; i < L; ++i) a[i] = scale * (e[i] - me) * a[i] * (T(1) - a[i]);
-  }
+  // One simple loop per sum (one accumulator stream each): a single loop writing all five
+  // sums is left scalar by the compiler, which cannot rule out their aliasing a and e.
+  for (int64_t i = 0; i < L; ++i) a[i] = sigmoid(a[i]);  // v
+  const T* v = a;
+  acc_add<CH_INNER>(acc + ix.stat(0), L, v, (const T*)nullptr);
+  acc_add<CH_INNER>(acc + ix.stat(1), L, e, (const T*)nullptr);
+  acc_add<CH_INNER>(acc + ix.stat(2), L, v, e);
+  acc_add<CH_INNER>(acc + ix.stat(3), L, e, e);
+  acc_add<CH_INNER>(acc + ix.stat(4), L, v, v);
+  for (int64_t i = 0; i < L; ++i)
+    a[i] = -param<CH_INNER>(sign, i) * (e[i] - param<CH_INNER>(mean_e, i)) * inv_n * a[i] *
+           (T(1) - a[i]);
   acc_add<CH_INNER>(acc + ix.bias(), L, (const T*)a, (const T*)nullptr);
   for (int64_t j = 0; j < D; ++j) acc_add<CH_INNER>(acc + ix.casc(j), L, (const T*)a, s[j]);
 }
