@@ -8,9 +8,11 @@ baseline's, ``flop_floor`` fixture) also its added time over its added FLOPs,
 baseline's.  The ``extra_info`` values that ``report.COLUMNS`` names (peak
 memory from the ``peak_memory`` fixture, achieved GB/s ...) go into the table too.
 ``--ratios-json`` writes the table as JSON for ``bench/report.py``."""
+import ctypes
 import json
 import os
 import platform
+import sys
 
 import pytest
 import torch
@@ -23,12 +25,41 @@ def pytest_addoption(parser):
     parser.addoption("--cpu-compile", action="store_true",
                      help="bench/test_step.py: also time torch.compile on the CPU (the plain and "
                           "fused paths; Inductor takes minutes per model on a few cores)")
+    parser.addoption("--glibc-malloc", action="store_true",
+                     help="keep glibc's malloc settings (by default the run keeps freed memory "
+                          "mapped, as a caching allocator does; see keep_freed_memory)")
+
+
+MALLOC = "glibc defaults"
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory mapped and reuse it (no trimming, no mmap for large
+    blocks), as jemalloc or tcmalloc do.  With glibc's defaults every tensor of 32 MiB or more is
+    a fresh mmap whose pages the kernel faults in and zeroes again at each step: on the block
+    that took up to half of a step's time, moved single cases by up to 3x between consecutive
+    runs, and charged a path for its tensors' sizes relative to glibc's threshold.  Returns
+    whether the settings took (glibc on Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    trim, mmap_threshold = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD (malloc.h)
+    return bool(libc.mallopt(trim, 1 << 30) and libc.mallopt(mmap_threshold, 1 << 30))
+
+
+def pytest_configure(config):
+    global MALLOC
+    if not config.getoption("--glibc-malloc", default=False) and keep_freed_memory():
+        MALLOC = "malloc keeps freed memory"
 
 
 def machine():
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {MALLOC}")
 
 
 def step_peak_mb(fn) -> float:

@@ -78,3 +78,22 @@ def test_the_table_gives_each_case_against_plain_and_its_floor():
     assert "| D=1 (cpp) | 150.0 | 300.0 | **2.00x** | 1.50x | 1.33x | 1.50 |" in text
     only = report.table({"machine": "test", "rows": rows}, rows_like=r"D=\d \(cpp\)")
     assert "(cpp)" in only and "(reference)" not in only and "(plain)" not in only
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_bench_keeps_freed_memory_mapped_and_says_so():
+    """With glibc's defaults a freed block of 32 MiB or more goes back to the kernel and the next
+    one is faulted in again; the benchmark run turns that off and its machine line says which
+    setting the numbers were taken with."""
+    import resource
+    assert bench.keep_freed_memory()
+    for _ in range(2):  # 32 MiB, freed at once: the heap grows to hold it once
+        torch.empty(2 ** 23).fill_(1.0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        torch.empty(2 ** 23).fill_(1.0)
+    # glibc's defaults fault all 8192 pages in at every allocation
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 8192
+    config = SimpleNamespace(getoption=lambda name, default=None: False)
+    bench.pytest_configure(config)
+    assert bench.machine().endswith("malloc keeps freed memory")

@@ -39,7 +39,7 @@ PBP_INLINE void cand_line(int64_t L, int64_t D, int64_t Cout, T* a, const T* con
   }
   // One simple loop per sum (one accumulator stream each): a single loop writing all five
   // sums is left scalar by the compiler, which cannot rule out their aliasing a and e.
-  for (int64_t i = 0; i < L; ++i) a[i] = sigmoid(a[i]);  // v
+  sigmoid_line(L, (const T*)a, a);  // v
   const T* v = a;
   acc_add<CH_INNER>(acc + ix.stat(0), L, v, (const T*)nullptr);
   acc_add<CH_INNER>(acc + ix.stat(1), L, e, (const T*)nullptr);

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace pbp {
@@ -87,6 +88,42 @@ PBP_INLINE double fast_exp(double x) { return std::exp(x); }
 template <typename T>
 PBP_INLINE T sigmoid(T a) { return T(1) / (T(1) + fast_exp(-a)); }
 
+// fast_exp on a vector of floats: the same steps, lane by lane (NaN stays NaN).
+PBP_INLINE Simd<float>::V fast_exp(Simd<float>::V x) {
+  using V = Simd<float>::V;
+  typedef int32_t I __attribute__((vector_size(32)));
+  const V lo = V{} - 87.0f, hi = V{} + 88.0f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const V t = x * 1.44269504088896341f;
+  const V n = (t + 12582912.0f) - 12582912.0f;
+  const V r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  V p = V{} + 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// out[i] = sigmoid(in[i]) (in may be out): whole vectors explicitly (the compiler's own
+// vectorisation of the scalar loop depends on the surrounding code), then the tail.
+template <typename T>
+PBP_INLINE void sigmoid_line(int64_t L, const T* in, T* out) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    using S = Simd<float>;
+    for (; i + S::W <= L; i += S::W) S::store(out + i, 1.0f / (1.0f + fast_exp(-S::load(in + i))));
+  }
+  for (; i < L; ++i) out[i] = sigmoid(in[i]);
+}
+
 // Per-line parameter access: along a line the channel is fixed (NCHW, scalar) or varies with
 // the position (NHWC, the line runs over channels c0, c0 + 1, ...).
 template <bool CH_INNER, typename T>
@@ -113,11 +150,8 @@ PBP_INLINE void fwd_line(int64_t L, int64_t D, int64_t Cout, const T* base, cons
       for (int64_t i = 0; i < L; ++i) sk[i] += param<CH_INNER>(kap, i) * sj[i];
     }
     const T* al = alpha + k * Cout;
-    for (int64_t i = 0; i < L; ++i) {
-      const T v = sigmoid(sk[i]);
-      sk[i] = v;
-      y[i] += param<CH_INNER>(al, i) * v;
-    }
+    sigmoid_line(L, sk, sk);
+    for (int64_t i = 0; i < L; ++i) y[i] += param<CH_INNER>(al, i) * sk[i];
   }
 }
 
