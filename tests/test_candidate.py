@@ -38,6 +38,34 @@ def test_candidate_pass_matches_reference(seed):
             torch.testing.assert_close(a, b, atol=max(tol, 1e-6) * scale, rtol=tol, msg=name)
 
 
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("stride,dilation,k", [(1, 1, 3), (2, 1, 3), (1, 2, 5), (2, 1, 1)])
+def test_depthwise_nhwc_candidate_pixel_blocks_and_channel_tails(stride, dilation, k, dtype):
+    """The channels_last depthwise candidate pass on wide rows (blocks of pixels and single
+    border pixels, runs of partial sums across rows) and 45 channels (vector blocks and single
+    channels in both dtypes), two trained dendrites below it."""
+    g = torch.Generator().manual_seed(k)
+    c, d = 45, 2
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+    x = rnd(3, c, 6, 23).contiguous(memory_format=torch.channels_last)
+    conv = dict(stride=stride, padding=(k // 2) * dilation, dilation=dilation, groups=c)
+    w = rnd(c, 1, k, k) * 0.5
+    y_shape = torch.nn.functional.conv2d(x, w, None, **conv).shape
+    s = torch.rand((d,) + tuple(y_shape), generator=g, dtype=dtype)
+    s = torch.stack([t.contiguous(memory_format=torch.channels_last) for t in s])
+    e = rnd(*y_shape).contiguous(memory_format=torch.channels_last)
+    args = (x, w, rnd(c), rnd(d, c), s, e, rnd(c) * 0.1, torch.sign(rnd(c)))
+    ref = Fn.candidate_pass(*args, backend="reference", **conv)
+    out = Fn.candidate_pass(*args, backend="cpp", **conv)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for name, a, b in zip(("stats", "grad_weight", "grad_bias", "grad_cascade"), out, ref):
+        scale = 1 + b.abs().max().item()
+        torch.testing.assert_close(a, b, atol=max(tol, 1e-6) * scale, rtol=tol, msg=name)
+
+
 def test_candidate_gradient_is_the_correlation_objective():
     """grad_v = -sign (e - mean_e) / n, so a step against the gradient raises sign * cov."""
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)

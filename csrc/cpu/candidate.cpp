@@ -64,13 +64,14 @@ template <typename T>
 std::vector<double> dw_candidate(const Geom& g, const Args<T>& p) {
   const int64_t D = (int64_t)p.s.size(), C = g.Cout, KK = g.KH * g.KW, HW = g.HW();
   const CandAcc ix{D, C};
-  const int64_t size = ix.taps() + C * KK, slice = g.N * C * HW;
+  const int64_t size = ix.taps() + C * KK;
   const bool cl = g.channels_last;
   return chunked_sum(g.N, size, [&](int64_t n0, int64_t n1, double* acc) {
-    const int64_t L = cl ? C : g.Wo;
-    std::vector<T> a(L);
+    std::vector<T> a(cl ? kPixBlock * C : g.Wo);
     std::vector<const T*> sl(D);
-    Partial<T> part(cl ? size : 0);  // NHWC: sums over kRun pixels in T
+    std::vector<int64_t> xoff(KK), woff(KK);
+    Partial<T> part(cl ? size : 0);  // NHWC: sums over about kRun pixels in T
+    int64_t run = 0;
     for (int64_t n = n0; n < n1; ++n) {
       if (!cl) {
         for (int64_t c = 0; c < C; ++c) {
@@ -92,28 +93,29 @@ std::vector<double> dw_candidate(const Geom& g, const Args<T>& p) {
         continue;
       }
       for (int64_t oh = 0; oh < g.Ho; ++oh) {
-        for (int64_t ow = 0; ow < g.Wo; ++ow) {
-          if (ow % kRun == 0) part.flush(acc);
-          if (p.b) std::copy(p.b, p.b + C, a.begin()); else std::fill(a.begin(), a.end(), T(0));
-          for_pixel_taps(g, n, oh, ow, [&](int64_t tap, int64_t xo) {
-            const T* xv = p.x + xo;
-            const T* wv = p.w + tap * C;
-            for (int64_t c = 0; c < C; ++c) a[c] += wv[c] * xv[c];
-          });
-          const int64_t o = (n * HW + oh * g.Wo + ow) * C;
-          for (int64_t k = 0; k < D; ++k) sl[k] = p.s[k] + o;
-          cand_line<true>(C, D, C, a.data(), sl.data(), p.casc, p.e + o, p.mean_e, p.sign,
-                          p.inv_n, part.data(), ix);
-          for_pixel_taps(g, n, oh, ow, [&](int64_t tap, int64_t xo) {
-            const T* xv = p.x + xo;
-            T* t = part.data() + ix.taps() + tap * C;
-            for (int64_t c = 0; c < C; ++c) t[c] += a[c] * xv[c];
-          });
-        }
+        for_pixel_blocks(g, n, oh, xoff.data(), woff.data(), [&](int64_t ow, int64_t P,
+                                                                 int64_t nt) {
+          if (run >= kRun) {
+            part.flush(acc);
+            run = 0;
+          }
+          run += P;
+          const DwTaps<T> tp{p.x, p.w, xoff.data(), woff.data(), nt, g.SW * C};
+          if (P == kPixBlock) dw_pixels<kPixBlock>(tp, p.b, C, a.data());
+          else dw_pixels<1>(tp, p.b, C, a.data());
+          for (int64_t q = 0; q < P; ++q) {
+            const int64_t o = (n * HW + oh * g.Wo + ow + q) * C;
+            for (int64_t k = 0; k < D; ++k) sl[k] = p.s[k] + o;
+            cand_line<true>(C, D, C, a.data() + q * C, sl.data(), p.casc, p.e + o, p.mean_e,
+                            p.sign, p.inv_n, part.data(), ix);
+          }
+          T* taps = part.data() + ix.taps();
+          if (P == kPixBlock) dw_tap_grads<kPixBlock>(tp, a.data(), C, taps);
+          else dw_tap_grads<1>(tp, a.data(), C, taps);
+        });
       }
     }
     part.flush(acc);
-    (void)slice;
   });
 }
 

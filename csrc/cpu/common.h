@@ -295,6 +295,104 @@ PBP_INLINE void for_pixel_taps(const Geom& g, int64_t n, int64_t oh, int64_t ow,
   }
 }
 
+// The taps of an NHWC depthwise conv for a block of output pixels along a row: tap t reads the
+// channel row at x + xoff[t] (+ p * step for the block's pixel p) with weights w + woff[t].
+template <typename T>
+struct DwTaps {
+  const T* x;
+  const T* w;
+  const int64_t* xoff;
+  const int64_t* woff;
+  int64_t nt, step;
+};
+
+// out[p * C + c] = bias[c] + sum_t w[woff[t] + c] * x[xoff[t] + p * step + c] for channels
+// c0 .. c0 + NV * W - 1 (W lanes a vector), with P x NV vector accumulators in registers.
+template <int64_t P, int64_t NV, typename T>
+PBP_INLINE void dw_channels(const DwTaps<T>& tp, const T* bias, int64_t C, int64_t c0, T* out) {
+  using S = Simd<T>;
+  typename S::V reg[P][NV];
+  for (int64_t v = 0; v < NV; ++v) {
+    const auto b0 = bias ? S::load(bias + c0 + v * S::W) : typename S::V{};
+    for (int64_t p = 0; p < P; ++p) reg[p][v] = b0;
+  }
+  for (int64_t t = 0; t < tp.nt; ++t) {
+    const T* xv = tp.x + tp.xoff[t] + c0;
+    const T* wv = tp.w + tp.woff[t] + c0;
+    for (int64_t v = 0; v < NV; ++v) {
+      const auto wq = S::load(wv + v * S::W);
+      for (int64_t p = 0; p < P; ++p) reg[p][v] += wq * S::load(xv + p * tp.step + v * S::W);
+    }
+  }
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t v = 0; v < NV; ++v) S::store(out + p * C + c0 + v * S::W, reg[p][v]);
+}
+
+// The same for the channels left over (fewer than one vector): scalar accumulators.
+template <int64_t P, typename T>
+PBP_INLINE void dw_channel(const DwTaps<T>& tp, const T* bias, int64_t C, int64_t c, T* out) {
+  T reg[P];
+  for (int64_t p = 0; p < P; ++p) reg[p] = bias ? bias[c] : T(0);
+  for (int64_t t = 0; t < tp.nt; ++t) {
+    const T wv = tp.w[tp.woff[t] + c];
+    for (int64_t p = 0; p < P; ++p) reg[p] += wv * tp.x[tp.xoff[t] + p * tp.step + c];
+  }
+  for (int64_t p = 0; p < P; ++p) out[p * C + c] = reg[p];
+}
+
+template <int64_t P, typename T>
+PBP_INLINE void dw_pixels(const DwTaps<T>& tp, const T* bias, int64_t C, T* out) {
+  constexpr int64_t W = Simd<T>::W;
+  int64_t c0 = 0;
+  for (; c0 + 2 * W <= C; c0 += 2 * W) dw_channels<P, 2>(tp, bias, C, c0, out);
+  for (; c0 + W <= C; c0 += W) dw_channels<P, 1>(tp, bias, C, c0, out);
+  for (; c0 < C; ++c0) dw_channel<P>(tp, bias, C, c0, out);
+}
+
+// Kernel-tap gradients of a block of pixels: grad[woff[t] + c] += sum_p g[p * C + c] * x[xoff[t] + p * step + c] for
+// all channels (one load and store of grad per block of P pixels and tap).
+template <int64_t P, typename T>
+PBP_INLINE void dw_tap_grads(const DwTaps<T>& tp, const T* g, int64_t C, T* grad) {
+  using S = Simd<T>;
+  for (int64_t t = 0; t < tp.nt; ++t) {
+    const T* xv = tp.x + tp.xoff[t];
+    T* gw = grad + tp.woff[t];
+    int64_t c = 0;
+    for (; c + S::W <= C; c += S::W) {
+      auto acc = S::load(gw + c);
+      for (int64_t p = 0; p < P; ++p) acc += S::load(g + p * C + c) * S::load(xv + p * tp.step + c);
+      S::store(gw + c, acc);
+    }
+    for (; c < C; ++c) {
+      T acc = gw[c];
+      for (int64_t p = 0; p < P; ++p) acc += g[p * C + c] * xv[p * tp.step + c];
+      gw[c] = acc;
+    }
+  }
+}
+
+// NHWC depthwise, output row (n, oh): calls f(ow, P, nt) for blocks of P = kPixBlock output
+// pixels where every horizontal tap is inside the image (one tap list serves the block, and
+// P x channel accumulators keep the FMA units busy), and for single pixels (P = 1) near the
+// borders; xoff / woff (KH*KW each) hold the block's nt taps as DwTaps reads them.
+constexpr int64_t kPixBlock = 4;
+template <typename F>
+PBP_INLINE void for_pixel_blocks(const Geom& g, int64_t n, int64_t oh, int64_t* xoff,
+                                 int64_t* woff, const F& f) {
+  const int64_t ow_lo = (g.PW + g.SW - 1) / g.SW, last = g.W - 1 + g.PW - (g.KW - 1) * g.DW;
+  const int64_t ow_hi = last < 0 ? 0 : std::min(g.Wo, last / g.SW + 1);
+  for (int64_t ow = 0; ow < g.Wo;) {
+    const int64_t P = (ow >= ow_lo && ow + kPixBlock <= ow_hi) ? kPixBlock : 1;
+    int64_t nt = 0;
+    for_pixel_taps(g, n, oh, ow, [&](int64_t tap, int64_t xo) {
+      xoff[nt] = xo;
+      woff[nt++] = tap * g.Cout;
+    });
+    f(ow, P, nt);
+    ow += P;
+  }
+}
+
 // row[ow] = bias + sum over taps of w[tap] * x[...]: one output row of an NCHW depthwise conv.
 template <typename T>
 PBP_INLINE void dw_row(const Geom& g, int64_t oh, const T* plane, const T* w, T bias, T* row) {

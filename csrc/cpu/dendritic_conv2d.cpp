@@ -30,60 +30,6 @@ View<T> view_of(const at::Tensor& t, const Geom& g) {  // t is (N, C, Ho, Wo) in
 at::Tensor opt_or(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 
 // ---------------------------------------------------------------- depthwise, forward
-// The taps of an NHWC depthwise conv for a block of output pixels along a row: tap t reads the
-// channel row at x + xoff[t] (+ p * step for the block's pixel p) with weights w + woff[t].
-template <typename T>
-struct DwTaps {
-  const T* x;
-  const T* w;
-  const int64_t* xoff;
-  const int64_t* woff;
-  int64_t nt, step;
-};
-
-// out[p * C + c] = bias[c] + sum_t w[woff[t] + c] * x[xoff[t] + p * step + c] for channels
-// c0 .. c0 + NV * W - 1 (W lanes a vector), with P x NV vector accumulators in registers.
-template <int64_t P, int64_t NV, typename T>
-PBP_INLINE void dw_channels(const DwTaps<T>& tp, const T* bias, int64_t C, int64_t c0, T* out) {
-  using S = Simd<T>;
-  typename S::V reg[P][NV];
-  for (int64_t v = 0; v < NV; ++v) {
-    const auto b0 = bias ? S::load(bias + c0 + v * S::W) : typename S::V{};
-    for (int64_t p = 0; p < P; ++p) reg[p][v] = b0;
-  }
-  for (int64_t t = 0; t < tp.nt; ++t) {
-    const T* xv = tp.x + tp.xoff[t] + c0;
-    const T* wv = tp.w + tp.woff[t] + c0;
-    for (int64_t v = 0; v < NV; ++v) {
-      const auto wq = S::load(wv + v * S::W);
-      for (int64_t p = 0; p < P; ++p) reg[p][v] += wq * S::load(xv + p * tp.step + v * S::W);
-    }
-  }
-  for (int64_t p = 0; p < P; ++p)
-    for (int64_t v = 0; v < NV; ++v) S::store(out + p * C + c0 + v * S::W, reg[p][v]);
-}
-
-// The same for the channels left over (fewer than one vector): scalar accumulators.
-template <int64_t P, typename T>
-PBP_INLINE void dw_channel(const DwTaps<T>& tp, const T* bias, int64_t C, int64_t c, T* out) {
-  T reg[P];
-  for (int64_t p = 0; p < P; ++p) reg[p] = bias ? bias[c] : T(0);
-  for (int64_t t = 0; t < tp.nt; ++t) {
-    const T wv = tp.w[tp.woff[t] + c];
-    for (int64_t p = 0; p < P; ++p) reg[p] += wv * tp.x[tp.xoff[t] + p * tp.step + c];
-  }
-  for (int64_t p = 0; p < P; ++p) out[p * C + c] = reg[p];
-}
-
-template <int64_t P, typename T>
-PBP_INLINE void dw_pixels(const DwTaps<T>& tp, const T* bias, int64_t C, T* out) {
-  constexpr int64_t W = Simd<T>::W;
-  int64_t c0 = 0;
-  for (; c0 + 2 * W <= C; c0 += 2 * W) dw_channels<P, 2>(tp, bias, C, c0, out);
-  for (; c0 + W <= C; c0 += W) dw_channels<P, 1>(tp, bias, C, c0, out);
-  for (; c0 < C; ++c0) dw_channel<P>(tp, bias, C, c0, out);
-}
-
 template <typename T>
 void dw_fwd(const Geom& g, const T* x, const std::vector<const T*>& w,
             const std::vector<const T*>& b, bool has_main, const View<T>& base,
@@ -91,30 +37,19 @@ void dw_fwd(const Geom& g, const T* x, const std::vector<const T*>& w,
   const int64_t M = (int64_t)w.size(), D = M - (has_main ? 1 : 0), C = g.Cout;
   const int64_t KK = g.KH * g.KW;
   const bool save = !s.empty();
-  // NHWC: w[m] holds the transposed taps (KH*KW, C). Output pixels go in blocks of PB along a
-  // row where every horizontal tap is inside the image (one tap list serves the block; PB x CB
-  // independent accumulators keep the FMA units busy), one by one near the borders.
-  constexpr int64_t PB = 4;
-  const int64_t ow_lo = (g.PW + g.SW - 1) / g.SW, last = g.W - 1 + g.PW - (g.KW - 1) * g.DW;
-  const int64_t ow_hi = last < 0 ? 0 : std::min(g.Wo, last / g.SW + 1);
+  // w[m] holds the transposed taps (KH*KW, C).
   at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<T> acc(M * PB * C), tmp(D * C);
+    std::vector<T> acc(M * kPixBlock * C), tmp(D * C);
     std::vector<const T*> a(D);
     std::vector<T*> sl(D);
     std::vector<int64_t> xoff(KK), woff(KK);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / g.Ho, oh = r % g.Ho;
-      for (int64_t ow = 0; ow < g.Wo;) {
-        const int64_t P = (ow >= ow_lo && ow + PB <= ow_hi) ? PB : 1;
-        int64_t nt = 0;
-        for_pixel_taps(g, n, oh, ow, [&](int64_t tap, int64_t xo) {
-          xoff[nt] = xo;
-          woff[nt++] = tap * C;
-        });
+      for_pixel_blocks(g, n, oh, xoff.data(), woff.data(), [&](int64_t ow, int64_t P, int64_t nt) {
         for (int64_t m = 0; m < M; ++m) {
           const DwTaps<T> tp{x, w[m], xoff.data(), woff.data(), nt, g.SW * C};
-          if (P == PB)
-            dw_pixels<PB>(tp, b[m], C, acc.data() + m * P * C);
+          if (P == kPixBlock)
+            dw_pixels<kPixBlock>(tp, b[m], C, acc.data() + m * P * C);
           else
             dw_pixels<1>(tp, b[m], C, acc.data() + m * P * C);
         }
@@ -128,8 +63,7 @@ void dw_fwd(const Geom& g, const T* x, const std::vector<const T*>& w,
                          has_main ? (const T*)acc.data() + p * C : nullptr, a.data(), alpha,
                          casc, y.at(n, 0, pix), sl.data());
         }
-        ow += P;
-      }
+      });
     }
   });
 }
