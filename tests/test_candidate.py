@@ -26,16 +26,19 @@ def candidate_case(seed, dtype):
     return (x, w, bias, casc, s, e, mean_e, sign), conv
 
 
+def assert_cpp_matches_reference(args, conv, tol):
+    ref = Fn.candidate_pass(*args, backend="reference", **conv)
+    out = Fn.candidate_pass(*args, backend="cpp", **conv)
+    for name, a, b in zip(("stats", "grad_weight", "grad_bias", "grad_cascade"), out, ref):
+        scale = 1 + b.abs().max().item() if b.numel() else 1
+        torch.testing.assert_close(a, b, atol=max(tol, 1e-6) * scale, rtol=tol, msg=name)
+
+
 @needs_cpp
 @pytest.mark.parametrize("seed", range(24))
 def test_candidate_pass_matches_reference(seed):
     for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
-        args, conv = candidate_case(seed, dtype)
-        ref = Fn.candidate_pass(*args, backend="reference", **conv)
-        out = Fn.candidate_pass(*args, backend="cpp", **conv)
-        for name, a, b in zip(("stats", "grad_weight", "grad_bias", "grad_cascade"), out, ref):
-            scale = 1 + b.abs().max().item() if b.numel() else 1
-            torch.testing.assert_close(a, b, atol=max(tol, 1e-6) * scale, rtol=tol, msg=name)
+        assert_cpp_matches_reference(*candidate_case(seed, dtype), tol)
 
 
 @needs_cpp
@@ -58,12 +61,7 @@ def test_depthwise_nhwc_candidate_pixel_blocks_and_channel_tails(stride, dilatio
     s = torch.stack([t.contiguous(memory_format=torch.channels_last) for t in s])
     e = rnd(*y_shape).contiguous(memory_format=torch.channels_last)
     args = (x, w, rnd(c), rnd(d, c), s, e, rnd(c) * 0.1, torch.sign(rnd(c)))
-    ref = Fn.candidate_pass(*args, backend="reference", **conv)
-    out = Fn.candidate_pass(*args, backend="cpp", **conv)
-    tol = 1e-5 if dtype == torch.float32 else 1e-10
-    for name, a, b in zip(("stats", "grad_weight", "grad_bias", "grad_cascade"), out, ref):
-        scale = 1 + b.abs().max().item()
-        torch.testing.assert_close(a, b, atol=max(tol, 1e-6) * scale, rtol=tol, msg=name)
+    assert_cpp_matches_reference(args, conv, 1e-5 if dtype == torch.float32 else 1e-10)
 
 
 def test_candidate_gradient_is_the_correlation_objective():

@@ -93,25 +93,23 @@ std::vector<double> dw_candidate(const Geom& g, const Args<T>& p) {
         continue;
       }
       for (int64_t oh = 0; oh < g.Ho; ++oh) {
-        for_pixel_blocks(g, n, oh, xoff.data(), woff.data(), [&](int64_t ow, int64_t P,
+        for_pixel_blocks(g, n, oh, xoff.data(), woff.data(), [&](int64_t ow, auto Pc,
                                                                  int64_t nt) {
+          constexpr int64_t P = decltype(Pc)::value;
           if (run >= kRun) {
             part.flush(acc);
             run = 0;
           }
           run += P;
           const DwTaps<T> tp{p.x, p.w, xoff.data(), woff.data(), nt, g.SW * C};
-          if (P == kPixBlock) dw_pixels<kPixBlock>(tp, p.b, C, a.data());
-          else dw_pixels<1>(tp, p.b, C, a.data());
+          dw_pixels<P>(tp, p.b, C, a.data());
           for (int64_t q = 0; q < P; ++q) {
             const int64_t o = (n * HW + oh * g.Wo + ow + q) * C;
             for (int64_t k = 0; k < D; ++k) sl[k] = p.s[k] + o;
             cand_line<true>(C, D, C, a.data() + q * C, sl.data(), p.casc, p.e + o, p.mean_e,
                             p.sign, p.inv_n, part.data(), ix);
           }
-          T* taps = part.data() + ix.taps();
-          if (P == kPixBlock) dw_tap_grads<kPixBlock>(tp, a.data(), C, taps);
-          else dw_tap_grads<1>(tp, a.data(), C, taps);
+          dw_tap_grads<P>(tp, a.data(), C, part.data() + ix.taps());
         });
       }
     }

@@ -64,41 +64,32 @@ struct Simd {
   static PBP_INLINE void store(T* p, const V& v) { std::memcpy(p, &v, sizeof v); }
 };
 
-// exp for float that the compiler vectorises: 2^n * p(r), |rel err| < 2e-7 on the clamped range.
-PBP_INLINE float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float t = x * 1.44269504088896341f;
-  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+// 2^n for an integral n in [-126, 127] held as a float (or a vector of them): its exponent bits.
+PBP_INLINE float pow2(float n) {
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
-  std::memcpy(&scale, &bits, sizeof(float));
-  return p * scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return scale;
 }
-PBP_INLINE double fast_exp(double x) { return std::exp(x); }
-template <typename T>
-PBP_INLINE T sigmoid(T a) { return T(1) / (T(1) + fast_exp(-a)); }
-
-// fast_exp on a vector of floats: the same steps, lane by lane (NaN stays NaN).
-PBP_INLINE Simd<float>::V fast_exp(Simd<float>::V x) {
-  using V = Simd<float>::V;
+PBP_INLINE Simd<float>::V pow2(Simd<float>::V n) {
   typedef int32_t I __attribute__((vector_size(32)));
-  const V lo = V{} - 87.0f, hi = V{} + 88.0f;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  Simd<float>::V scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return scale;
+}
+
+// exp of a float, or of a vector of floats lane by lane: 2^n * p(r), |rel err| < 2e-7 on the
+// clamped range (NaN stays NaN).
+template <typename F>  // float or Simd<float>::V
+PBP_INLINE F fast_exp(F x) {
+  const F lo = F{} - 87.0f, hi = F{} + 88.0f;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
-  const V t = x * 1.44269504088896341f;
-  const V n = (t + 12582912.0f) - 12582912.0f;
-  const V r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  V p = V{} + 1.0f / 5040.0f;
+  const F t = x * 1.44269504088896341f;
+  const F n = (t + 12582912.0f) - 12582912.0f;  // round to nearest
+  const F r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  F p = F{} + 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
@@ -106,11 +97,11 @@ PBP_INLINE Simd<float>::V fast_exp(Simd<float>::V x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
-  V scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  return p * pow2(n);
 }
+PBP_INLINE double fast_exp(double x) { return std::exp(x); }
+template <typename T>  // float, double or Simd<float>::V
+PBP_INLINE T sigmoid(T a) { return 1 / (1 + fast_exp(-a)); }
 
 // out[i] = sigmoid(in[i]) (in may be out): whole vectors explicitly (the compiler's own
 // vectorisation of the scalar loop depends on the surrounding code), then the tail.
@@ -119,7 +110,7 @@ PBP_INLINE void sigmoid_line(int64_t L, const T* in, T* out) {
   int64_t i = 0;
   if constexpr (std::is_same_v<T, float>) {
     using S = Simd<float>;
-    for (; i + S::W <= L; i += S::W) S::store(out + i, 1.0f / (1.0f + fast_exp(-S::load(in + i))));
+    for (; i + S::W <= L; i += S::W) S::store(out + i, sigmoid(S::load(in + i)));
   }
   for (; i < L; ++i) out[i] = sigmoid(in[i]);
 }
@@ -349,8 +340,9 @@ PBP_INLINE void dw_pixels(const DwTaps<T>& tp, const T* bias, int64_t C, T* out)
   for (; c0 < C; ++c0) dw_channel<P>(tp, bias, C, c0, out);
 }
 
-// Kernel-tap gradients of a block of pixels: grad[woff[t] + c] += sum_p g[p * C + c] * x[xoff[t] + p * step + c] for
-// all channels (one load and store of grad per block of P pixels and tap).
+// Kernel-tap gradients of a block of P pixels, all channels:
+// grad[woff[t] + c] += sum_p g[p * C + c] * x[xoff[t] + p * step + c] (one load and store of
+// grad per block and tap).
 template <int64_t P, typename T>
 PBP_INLINE void dw_tap_grads(const DwTaps<T>& tp, const T* g, int64_t C, T* grad) {
   using S = Simd<T>;
@@ -360,7 +352,8 @@ PBP_INLINE void dw_tap_grads(const DwTaps<T>& tp, const T* g, int64_t C, T* grad
     int64_t c = 0;
     for (; c + S::W <= C; c += S::W) {
       auto acc = S::load(gw + c);
-      for (int64_t p = 0; p < P; ++p) acc += S::load(g + p * C + c) * S::load(xv + p * tp.step + c);
+      for (int64_t p = 0; p < P; ++p)
+        acc += S::load(g + p * C + c) * S::load(xv + p * tp.step + c);
       S::store(gw + c, acc);
     }
     for (; c < C; ++c) {
@@ -374,22 +367,25 @@ PBP_INLINE void dw_tap_grads(const DwTaps<T>& tp, const T* g, int64_t C, T* grad
 // NHWC depthwise, output row (n, oh): calls f(ow, P, nt) for blocks of P = kPixBlock output
 // pixels where every horizontal tap is inside the image (one tap list serves the block, and
 // P x channel accumulators keep the FMA units busy), and for single pixels (P = 1) near the
-// borders; xoff / woff (KH*KW each) hold the block's nt taps as DwTaps reads them.
+// borders; P is a std::integral_constant (a template argument for the kernels), xoff / woff
+// (KH*KW each) hold the pixels' nt taps as DwTaps reads them.
 constexpr int64_t kPixBlock = 4;
+template <int64_t P>
+using Pixels = std::integral_constant<int64_t, P>;
 template <typename F>
 PBP_INLINE void for_pixel_blocks(const Geom& g, int64_t n, int64_t oh, int64_t* xoff,
                                  int64_t* woff, const F& f) {
   const int64_t ow_lo = (g.PW + g.SW - 1) / g.SW, last = g.W - 1 + g.PW - (g.KW - 1) * g.DW;
   const int64_t ow_hi = last < 0 ? 0 : std::min(g.Wo, last / g.SW + 1);
   for (int64_t ow = 0; ow < g.Wo;) {
-    const int64_t P = (ow >= ow_lo && ow + kPixBlock <= ow_hi) ? kPixBlock : 1;
+    const bool block = ow >= ow_lo && ow + kPixBlock <= ow_hi;
     int64_t nt = 0;
     for_pixel_taps(g, n, oh, ow, [&](int64_t tap, int64_t xo) {
       xoff[nt] = xo;
       woff[nt++] = tap * g.Cout;
     });
-    f(ow, P, nt);
-    ow += P;
+    if (block) f(ow, Pixels<kPixBlock>{}, nt); else f(ow, Pixels<1>{}, nt);
+    ow += block ? kPixBlock : 1;
   }
 }
 

@@ -45,13 +45,11 @@ void dw_fwd(const Geom& g, const T* x, const std::vector<const T*>& w,
     std::vector<int64_t> xoff(KK), woff(KK);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / g.Ho, oh = r % g.Ho;
-      for_pixel_blocks(g, n, oh, xoff.data(), woff.data(), [&](int64_t ow, int64_t P, int64_t nt) {
+      for_pixel_blocks(g, n, oh, xoff.data(), woff.data(), [&](int64_t ow, auto Pc, int64_t nt) {
+        constexpr int64_t P = decltype(Pc)::value;
         for (int64_t m = 0; m < M; ++m) {
           const DwTaps<T> tp{x, w[m], xoff.data(), woff.data(), nt, g.SW * C};
-          if (P == kPixBlock)
-            dw_pixels<kPixBlock>(tp, b[m], C, acc.data() + m * P * C);
-          else
-            dw_pixels<1>(tp, b[m], C, acc.data() + m * P * C);
+          dw_pixels<P>(tp, b[m], C, acc.data() + m * P * C);
         }
         for (int64_t p = 0; p < P; ++p) {
           const int64_t pix = oh * g.Wo + ow + p;
@@ -354,7 +352,8 @@ bwd_cpu(const at::Tensor& grad_y_, const at::Tensor& x_, const std::optional<at:
                                           : at::zeros({D, D, C}, d_scale.options());
   auto opt = x.options();
   auto none = [&] { return at::empty({0}, opt); };  // a masked-off output (never shared)
-  at::Tensor gx = none(), gw = none(), gb = none(), gdw = none(), gdb = none(), gds = none(), gdc = none();
+  at::Tensor gx = none(), gw = none(), gb = none(), gdw = none(), gdb = none(), gds = none(),
+             gdc = none();
   if (g.N == 0) {
     if (mask[0]) gx = at::zeros(x.sizes(), opt.memory_format(fmt));
     if (mask[1]) gw = at::zeros_like(weight);
