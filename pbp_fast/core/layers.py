@@ -75,7 +75,8 @@ class DendriticLinear(DendriticUnit):
                                or bn.num_features != linear.out_features):
             raise ValueError(f"bn must be an nn.BatchNorm1d with num_features = "
                              f"linear.out_features = {linear.out_features}, got {bn!r}")
-        super().__init__(("linear", linear), bn, dict(stride=1, padding=0, dilation=1, groups=1))
+        super().__init__(("linear", linear), bn,
+                         dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1))
 
     def _main(self, x):
         z = self.linear(x)

@@ -29,6 +29,8 @@ from pbp_fast import ops
 from pbp_fast.core.candidate import Candidate
 from pbp_fast.distributed.group import world_size
 from pbp_fast.ops import reference
+from pbp_fast.ops.backend import pick_backend
+from pbp_fast.ops.dendritic_conv2d import run as run_dendritic_conv2d
 
 # state_dict keys of checkpoints written before the candidate was a module of its own
 _FLAT_CANDIDATE_KEYS = ("weight", "bias", "cascade", "stats", "count", "batches", "best_weight",
@@ -283,9 +285,11 @@ class DendriticUnit(nn.Module):
 
     def _dendrite_output(self, x, z, save_s):
         """(y, s): z plus the trained dendrites of x, and their activations if ``save_s``."""
-        return ops.dendritic_conv2d_with_s(
-            x, None, None, *self._dendrites(z.dtype), **self._conv_kw, base=z, save_s=save_s,
-            backend=self.backend)
+        kw = self._conv_kw  # checked when the unit was built
+        return run_dendritic_conv2d(
+            x, None, None, *self._dendrites(z.dtype), kw["stride"], kw["padding"],
+            kw["dilation"], kw["groups"], base=z, save_s=save_s,
+            backend=pick_backend(self.backend, x))
 
     def _folded_forward(self, x):
         w, b = self.folded_weight_bias()

@@ -65,19 +65,33 @@ def dendritic_conv2d_with_s(x, weight, bias, d_weight, d_bias, d_scale, d_cascad
     checks.same_kind(x, (("weight", weight), ("bias", bias), ("d_weight", d_weight),
                          ("d_bias", d_bias), ("d_scale", d_scale), ("d_cascade", d_cascade),
                          ("base", base)))
-    backend = pick_backend(backend, x)
+    return run(x, weight, bias, d_weight, d_bias, d_scale, d_cascade, *conv, base=base,
+               save_s=save_s, backend=pick_backend(backend, x))
+
+
+def run(x, weight, bias, d_weight, d_bias, d_scale, d_cascade, stride, padding, dilation, groups,
+        *, base, save_s, backend):
+    """:func:`dendritic_conv2d_with_s` on arguments already checked (conv arguments as pairs,
+    a named backend): what a DendriticUnit calls for its own, well-formed tensors."""
+    conv = stride, padding, dilation, groups
+    x, (weight, bias, d_weight, d_bias, d_scale, d_cascade, base) = _autocast(
+        x, (weight, bias, d_weight, d_bias, d_scale, d_cascade, base))
     if backend == "reference":
         return reference.dendritic_conv2d(x, weight, bias, d_weight, d_bias, d_scale, d_cascade,
                                           *conv, base=base, save_s=save_s)
-    if d == 0 and weight is not None:  # nothing to fuse: the plain conv, in x's layout
+    if d_weight.shape[0] == 0 and weight is not None:  # nothing to fuse: the plain conv
         y, s = reference.dendritic_conv2d(x, weight, bias, d_weight, d_bias, d_scale, d_cascade,
                                           *conv, base=base, save_s=save_s)
         return y.contiguous(memory_format=torch.channels_last if is_channels_last(x)
                             else torch.contiguous_format), s
-    save_s = save_s or (torch.is_grad_enabled() and any(
+    grad = torch.is_grad_enabled()
+    save_s = save_s or (grad and any(
         t is not None and t.requires_grad for t in (d_weight, d_bias, d_scale, d_cascade)))
-    return fused("dendritic_conv2d_fwd", backend)(x, weight, bias, base, d_weight, d_bias,
-                                                  d_scale, d_cascade, *conv, save_s)
+    args = (x, weight, bias, base, d_weight, d_bias, d_scale, d_cascade, *conv, save_s)
+    fwd = fused("dendritic_conv2d_fwd", backend)
+    if not grad or torch.compiler.is_compiling():
+        return fwd(*args)  # compiled graphs take the op with its registered autograd
+    return _Eager.apply(*args, fwd, fused("dendritic_conv2d_bwd", backend))
 
 
 def dendritic_conv2d(x, weight, bias, d_weight, d_bias, d_scale, d_cascade=None, *, stride=1,
@@ -129,29 +143,53 @@ def _fwd_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradient for the activations s
 
 
+def _backward(ctx, grad_y, bwd_op):
+    """The gradients of the 13 inputs of a dendritic_conv2d_fwd op, by its backward op."""
+    if grad_y is None:
+        return (None,) * 13
+    x, weight, d_weight, d_scale, d_cascade, s = ctx.saved_tensors
+    has_bias, has_base, has_d_bias, has_cascade = ctx.has
+    n = ctx.needs_input_grad
+    # needs_input_grad follows the op's inputs: x weight bias base d_weight d_bias d_scale
+    # d_cascade ...
+    mask = [n[0] and weight is not None, n[1], n[2] and has_bias, n[4], n[5] and has_d_bias,
+            n[6], n[7] and has_cascade]
+    if any(mask[3:]) and s.dim() != 5 and d_weight.shape[0] > 0:
+        raise RuntimeError("pbp_fast: dendrite gradients need the forward's activations; "
+                           "call the op with save_s=True")
+    grads = bwd_op(
+        grad_y.contiguous(memory_format=torch.channels_last if is_channels_last(x)
+                          else torch.contiguous_format),
+        x, weight, d_weight, d_scale, d_cascade, s, *ctx.conv, mask)
+    gx, gw, gb, gdw, gdb, gds, gdc = (g if m else None for g, m in zip(grads, mask))
+    gbase = grad_y if (has_base and n[3]) else None
+    return gx, gw, gb, gbase, gdw, gdb, gds, gdc, None, None, None, None, None
+
+
 def _backward_with(bwd_op):
     """The autograd formula of a dendritic_conv2d_fwd op whose backward op is ``bwd_op``."""
     def backward(ctx, grad_y, _grad_s):
-        if grad_y is None:
-            return (None,) * 13
-        x, weight, d_weight, d_scale, d_cascade, s = ctx.saved_tensors
-        has_bias, has_base, has_d_bias, has_cascade = ctx.has
-        n = ctx.needs_input_grad
-        # needs_input_grad follows the op's inputs: x weight bias base d_weight d_bias d_scale
-        # d_cascade ...
-        mask = [n[0] and weight is not None, n[1], n[2] and has_bias, n[4], n[5] and has_d_bias,
-                n[6], n[7] and has_cascade]
-        if any(mask[3:]) and s.dim() != 5 and d_weight.shape[0] > 0:
-            raise RuntimeError("pbp_fast: dendrite gradients need the forward's activations; "
-                               "call the op with save_s=True")
-        grads = bwd_op(
-            grad_y.contiguous(memory_format=torch.channels_last if is_channels_last(x)
-                              else torch.contiguous_format),
-            x, weight, d_weight, d_scale, d_cascade, s, *ctx.conv, mask)
-        gx, gw, gb, gdw, gdb, gds, gdc = (g if m else None for g, m in zip(grads, mask))
-        gbase = grad_y if (has_base and n[3]) else None
-        return gx, gw, gb, gbase, gdw, gdb, gds, gdc, None, None, None, None, None
+        return _backward(ctx, grad_y, bwd_op)
     return backward
+
+
+class _Eager(torch.autograd.Function):
+    """The registered autograd formula (``_fwd_setup``, ``_backward``) around a fused op, for
+    eager mode: torch.library's generated autograd wrapper normalises the arguments and builds
+    its context in Python on every call, about 60 us on the CPU, which a MobileNetV3 training
+    step pays for each of its 54 units.  Arguments: the op's 13 inputs, then the forward and
+    backward ops."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        out = args[-2](*args[:-2])
+        _fwd_setup(ctx, args[:-2], out)
+        ctx.bwd_op = args[-1]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_s):
+        return (*_backward(ctx, grad_y, ctx.bwd_op), None, None)
 
 
 def register(prefix: str, fakes: bool = True) -> None:
