@@ -180,6 +180,37 @@ def test_opcheck_forward_and_backward(seed):
     torch.library.opcheck(torch.ops.pbp_fast.dendritic_conv2d_bwd.default, bargs)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_eager_autograd_is_the_registered_formula(seed):
+    """The public function applies the ops' autograd formula through an autograd.Function in
+    eager mode; called directly, the op runs the formula torch.library registered.  Same
+    kernels, so the same gradients, bit for bit."""
+    t, conv = random_case(seed, torch.float64)
+    if t["d_weight"].shape[0] == 0:  # D = 0 with a weight goes to the plain conv instead
+        t["d_weight"] = torch.randn(1, *t["d_weight"].shape[1:], dtype=torch.float64)
+        t["d_scale"] = torch.randn(1, t["d_scale"].shape[1], dtype=torch.float64)
+        t["d_bias"] = t["d_cascade"] = None
+    gy = torch.randn_like(run(t, conv, "cpp")[0])
+    y, s, g = run(t, conv, "cpp", gy)
+    leaves = {k: (v.detach().clone().requires_grad_() if v is not None else None)
+              for k, v in t.items()}
+    y2, s2 = torch.ops.pbp_fast.dendritic_conv2d_fwd(
+        leaves["x"], leaves["weight"], leaves["bias"], leaves["base"], leaves["d_weight"],
+        leaves["d_bias"], leaves["d_scale"], leaves["d_cascade"],
+        *(_pair(conv[k]) for k in ("stride", "padding", "dilation")), conv["groups"], True)
+    y2.backward(gy)
+    assert torch.equal(y, y2.detach()) and torch.equal(s, s2)
+    for k, v in leaves.items():
+        if v is not None:
+            assert (g[k] is None) == (v.grad is None), k
+            assert g[k] is None or torch.equal(g[k], v.grad), k
+    leaves = {k: (v.detach().clone().requires_grad_() if v is not None else None)
+              for k, v in t.items()}
+    y3, _ = Fn.dendritic_conv2d_with_s(*(leaves[k] for k in NAMES[:7]), base=leaves["base"],
+                                       save_s=True, backend="cpp", **conv)
+    assert type(y3.grad_fn).__name__ == "_EagerBackward"
+
+
 @pytest.mark.parametrize("cl", [False, True])
 def test_empty_batch(cl):
     x = torch.randn(0, 4, 5, 5)

@@ -145,7 +145,9 @@ PBP_INLINE T param(const T* p, int64_t i) { return CH_INNER ? p[i] : p[0]; }
 // The forward epilogue on one line of L outputs. a[k] are the dendrite pre-activations (without
 // cascade; may alias s[k]); s[k] receives the activations; y = base + main + sum alpha_k s_k
 // (y may alias base). alpha = d_scale + c0, casc = d_cascade + c0 (strides Cout per k, D * Cout
-// per row). One pass over the line, float vectors in registers, then the tail.
+// per row). One pass over the line per dendrite (the first also adds base and main), each with
+// float vectors in registers, then the tail: the sigmoids of one pass are independent of each
+// other, where one pass for all dendrites would chain each vector's D sigmoids.
 template <bool CH_INNER, typename T>
 PBP_INLINE void fwd_line(int64_t L, int64_t D, int64_t Cout, const T* base, const T* main,
                          const T* const* a, const T* alpha, const T* casc, T* y, T* const* s) {
@@ -165,11 +167,11 @@ PBP_INLINE void fwd_line(int64_t L, int64_t D, int64_t Cout, const T* base, cons
     if constexpr (std::is_same_v<decltype(v), T>) p[i] = v;
     else Simd<float>::store(p + i, v);
   };
-  auto step = [&](auto u) {
+  auto step = [&](auto u, int64_t k) {  // dendrite k (the first pass: also base and main)
     using U = decltype(u);
-    U yv = base ? at(u, base) : U{};
-    if (main) yv += at(u, main);
-    for (int64_t k = 0; k < D; ++k) {
+    U yv = k ? at(u, y) : base ? at(u, base) : U{};
+    if (!k && main) yv += at(u, main);
+    if (k < D) {
       U av = at(u, a[k]);
       for (int64_t j = 0; j < k; ++j) av += par(u, casc + (k * D + j) * Cout) * at(u, s[j]);
       const U sv = sigmoid(av);
@@ -178,9 +180,12 @@ PBP_INLINE void fwd_line(int64_t L, int64_t D, int64_t Cout, const T* base, cons
     }
     put(y, yv);
   };
-  if constexpr (std::is_same_v<T, float>)
-    for (; i + Simd<float>::W <= L; i += Simd<float>::W) step(Simd<float>::V{});
-  for (; i < L; ++i) step(T{});
+  for (int64_t k = 0; k < std::max<int64_t>(D, 1); ++k) {
+    i = 0;
+    if constexpr (std::is_same_v<T, float>)
+      for (; i + Simd<float>::W <= L; i += Simd<float>::W) step(Simd<float>::V{}, k);
+    for (; i < L; ++i) step(T{}, k);
+  }
 }
 
 // Accumulator layout of the backward's per-channel sums (float64, Cout each):
