@@ -92,15 +92,14 @@ def test_block_plain(benchmark, mode, layout):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("d", [0, 1, 3])
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
-def test_block(benchmark, flop_floor, mode, d, layout, path):
+def test_block(benchmark, flop_floor, interleaved, mode, d, layout, path):
     forward, params, grad_y = make_block(d, layout == "channels_last")
+    plain = block_step(forward, params, grad_y, mode, "plain")
     benchmark.group = f"block {mode} D={d} {layout}"
     benchmark.extra_info.update(
         path=path, plain=plain_group(mode, layout),
-        flop_floor=flop_floor(block_step(forward, params, grad_y, mode, "reference"),
-                              block_step(forward, params, grad_y, mode, "plain")))
-    benchmark.pedantic(block_step(forward, params, grad_y, mode, path), rounds=7,
-                       warmup_rounds=1)
+        flop_floor=flop_floor(block_step(forward, params, grad_y, mode, "reference"), plain))
+    interleaved(benchmark, block_step(forward, params, grad_y, mode, path), plain, rounds=7)
 
 
 def candidate_block(d, channels_last, backend):
@@ -133,12 +132,11 @@ def candidate_block(d, channels_last, backend):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("d", [0, 1, 3])
-def test_block_dendrite_phase(benchmark, flop_floor, d, layout, path):
+def test_block_dendrite_phase(benchmark, flop_floor, interleaved, d, layout, path):
     benchmark.group = f"block dendrite_phase D={d} {layout}"
     forward, params, grad_y = make_block(0, layout == "channels_last")
+    plain = block_step(forward, params, grad_y, "forward_backward", "plain")
     benchmark.extra_info.update(
         path=path, plain=plain_group("forward_backward", layout),
-        flop_floor=flop_floor(candidate_block(d, layout == "channels_last", "reference"),
-                              block_step(forward, params, grad_y, "forward_backward", "plain")))
-    benchmark.pedantic(candidate_block(d, layout == "channels_last", path), rounds=7,
-                       warmup_rounds=1)
+        flop_floor=flop_floor(candidate_block(d, layout == "channels_last", "reference"), plain))
+    interleaved(benchmark, candidate_block(d, layout == "channels_last", path), plain, rounds=7)

@@ -163,10 +163,23 @@ def prepare(mode, model, opt, x, y, peak_memory, fullgraph):
     return timed, peak
 
 
+_PLAIN = {}  # mode -> the plain model's prepared step, shared by the cases of that mode
+
+
+def plain_step(mode, x, y, peak_memory):
+    """The plain model's step in ``mode`` (built, warmed up and, for compile, compiled once per
+    mode), run between the rounds of every dendritic case: its "x plain step" is the ratio of
+    two medians from the same minutes."""
+    if mode not in _PLAIN:
+        model = build("plain", "plain", x, y)
+        _PLAIN[mode] = prepare(mode, model, sgd(model), x, y, peak_memory, fullgraph=True)[0]
+    return _PLAIN[mode]
+
+
 @pytest.mark.parametrize("mode", ["eager", "compile", "cudagraphs"])
 @pytest.mark.parametrize("case,path", CASES)
-def test_step(benchmark, peak_memory, flop_floor, tmp_path, monkeypatch, request, case, path,
-              mode):
+def test_step(benchmark, peak_memory, flop_floor, interleaved, tmp_path, monkeypatch, request,
+              case, path, mode):
     if mode == "cudagraphs" and not CUDA:
         pytest.skip("CUDA graphs need a GPU")
     if mode == "compile" and not CUDA:
@@ -198,4 +211,7 @@ def test_step(benchmark, peak_memory, flop_floor, tmp_path, monkeypatch, request
     benchmark.group = f"step {mode} {case}"
     benchmark.extra_info.update(path=path, plain=f"step {mode} plain", peak_mb=peak,
                                 flop_floor=floor)
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)
+    if case == "plain":
+        benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)
+    else:
+        interleaved(benchmark, step, plain_step(mode, x, y, peak_memory), rounds=ROUNDS)

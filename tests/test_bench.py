@@ -3,6 +3,7 @@ cost of its forward, the block's floors are the dendrites' share of its convs, a
 table derives its columns from the medians of the same run."""
 import importlib.util
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -78,6 +79,39 @@ def test_the_table_gives_each_case_against_plain_and_its_floor():
     assert "| D=1 (cpp) | 150.0 | 300.0 | **2.00x** | 1.50x | 1.33x | 1.50 |" in text
     only = report.table({"machine": "test", "rows": rows}, rows_like=r"D=\d \(cpp\)")
     assert "(cpp)" in only and "(reference)" not in only and "(plain)" not in only
+
+
+def test_a_baseline_timed_between_the_rounds_is_the_one_compared_against():
+    rows = bench.ratio_rows([
+        _bench("plain", "plain", 0.100),
+        _bench("D=1", "cpp", 0.150, plain="plain", flop_floor=4 / 3, plain_ms=125.0),
+        _bench("D=3", "cpp", 0.200, plain="plain", flop_floor=2.0),
+    ])
+    by = {r["group"]: r for r in rows}
+    assert by["D=1"]["plain_ms"] == 125.0 and by["D=1"]["vs_plain"] == pytest.approx(1.2)
+    assert by["D=1"]["added_vs_floor"] == pytest.approx(0.2 / (1 / 3))
+    assert by["D=3"]["vs_plain"] == pytest.approx(2.0)  # no interleaved one: the plain test's
+
+
+def test_the_interleaved_fixture_times_the_baseline_before_every_round():
+    calls = []
+
+    class Benchmark:
+        extra_info = {}
+
+        def pedantic(self, target, setup, rounds, warmup_rounds):
+            for _ in range(warmup_rounds + rounds):
+                setup()
+                target()
+
+    def plain():
+        calls.append("plain")
+        time.sleep(0.002)
+
+    b = Benchmark()
+    bench.interleave(b, lambda: calls.append("case"), plain, rounds=3)
+    assert calls == ["plain", "case"] * 4
+    assert 2.0 <= b.extra_info["plain_ms"] < 50
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
