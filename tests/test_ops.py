@@ -211,6 +211,27 @@ def test_eager_autograd_is_the_registered_formula(seed):
     assert type(y3.grad_fn).__name__ == "_EagerBackward"
 
 
+def test_torch_func_grad_matches_backward():
+    """torch.func.grad through the op (its autograd.Function has a separate setup_context)
+    gives what .backward() gives."""
+    t, conv = random_case(2, torch.float64)
+    t["d_weight"] = torch.randn(2, *t["d_weight"].shape[1:], dtype=torch.float64)
+    t["d_scale"] = torch.randn(2, t["d_weight"].shape[1], dtype=torch.float64)
+    t["d_bias"] = t["d_cascade"] = None
+    t["base"] = torch.randn_like(run(t, conv, "cpp")[0])
+    gy = torch.randn_like(t["base"])
+    _, _, g = run(t, conv, "cpp", gy)
+
+    def loss(d_scale, base):
+        y = Fn.dendritic_conv2d(t["x"], t["weight"], t["bias"], t["d_weight"], None, d_scale,
+                                None, base=base, backend="cpp", **conv)
+        return (y * gy).sum()
+
+    g_scale, g_base = torch.func.grad(loss, argnums=(0, 1))(t["d_scale"], t["base"])
+    torch.testing.assert_close(g_scale, g["d_scale"], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(g_base, g["base"], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("cl", [False, True])
 def test_empty_batch(cl):
     x = torch.randn(0, 4, 5, 5)
