@@ -22,7 +22,8 @@ Every arm of a setup has the same data, seed, recipe and device; only the PB fla
                  as baseline-es (run after pb)
 
 and the fidelity ablations (``--arm ablations``, ``ABLATIONS``): PB with one option of the
-reference protocol changed, each compared with the pb arm seed by seed.
+reference protocol changed, each compared with the pb arm seed by seed; ``restarts/<ablation>``
+(``REPLAYS``) is the restarts control on that ablation's own stages (run after it).
 
 Each run trains in a folder of its own (``<out>/<setup>/<arm>/seed<k>``) and is resumed from its
 ``last.pt`` when started again; each finished run puts its record (test accuracy of the model
@@ -107,7 +108,11 @@ ABLATIONS = {
     "pb-unit-snapshot": ("--pb-snapshot", "unit"),             # the best candidate as a whole
     "pb-newest-alpha": ("--no-pb-train-old-alphas",),          # only the newest alpha trains
 }
-ALL_ARMS = {**ARMS, **ABLATIONS}
+# An ablation whose stages differ from PB's (a retried set adds one) trains longer than the pb
+# arm's restarts control does: "restarts/<ablation>" replays that ablation's own stages
+# (its flags too, which change nothing without dendrites but the schedule ones).
+REPLAYS = {f"restarts/{a}": (*flags, *ARMS["restarts"]) for a, flags in ABLATIONS.items()}
+ALL_ARMS = {**ARMS, **ABLATIONS, **REPLAYS}
 
 
 def count(model: str, width: float) -> int:
@@ -135,9 +140,15 @@ def arm_args(setup: str, arm: str, width: float | None = None) -> list[str]:
 DEPENDENT = ("restarts", "untrained", "matched")  # arms that need the pb run of their seed
 
 
-def _pb_record(results: Path, setup: str, seed: int) -> dict | None:
+def _record(results: Path, setup: str, arm: str, seed: int) -> dict | None:
     return next((r for r in load_records(results) if (r["setup"], r["arm"], r["seed"]) ==
-                 (setup, "pb", seed)), None)
+                 (setup, arm, seed)), None)
+
+
+def source_arm(arm: str) -> str | None:
+    """The arm whose record a control needs: pb's for the controls, the ablation's for its
+    replay, None for an arm that stands alone."""
+    return "pb" if arm in DEPENDENT else arm.split("/", 1)[1] if arm in REPLAYS else None
 
 
 def stage_lengths(curve: list) -> tuple[int, ...]:
@@ -149,16 +160,17 @@ def stage_lengths(curve: list) -> tuple[int, ...]:
 def run_arm(setup: str, arm: str, seed: int, data: str, out: Path, results: Path,
             concurrent: int = 1, log=print) -> dict | None:
     """Train one arm for one seed (resumed if its folder holds a ``last.pt``) and record it."""
-    width, replay = SETUPS[setup].width, []
-    if arm in DEPENDENT:
-        pb = _pb_record(results, setup, seed)
-        if pb is None:
-            log(f"!! {setup} {arm} seed {seed}: no pb record for this seed yet; run pb first")
+    width, replay, source = SETUPS[setup].width, [], source_arm(arm)
+    if source:
+        src = _record(results, setup, source, seed)
+        if src is None:
+            log(f"!! {setup} {arm} seed {seed}: no {source} record for this seed yet; run "
+                f"{source} first")
             return None
         if arm == "matched":
-            width = matched_width(SETUPS[setup].model, width, pb["params"])
+            width = matched_width(SETUPS[setup].model, width, src["params"])
         else:
-            replay = ["--pb-stage-epochs", ",".join(map(str, stage_lengths(pb["curve"])))]
+            replay = ["--pb-stage-epochs", ",".join(map(str, stage_lengths(src["curve"])))]
     run_dir = out / setup / arm / f"seed{seed}"
     args = [*arm_args(setup, arm, width), *replay, "--data", str(data), "--seed", str(seed),
             "--output-dir", str(run_dir), "--no-progress"]
@@ -266,8 +278,13 @@ def render(records: list[dict]) -> str:
             continue
         parts += [f"**{setup}**: {s.about}.", "", table(records, setup), ""]
         if any(r["setup"] == setup and r["arm"] in ABLATIONS for r in records):
-            parts += [f"{setup}, the fidelity ablations (PB with one option changed):", "",
-                      table(records, setup, {"pb": (), **ABLATIONS}, ref="pb"), ""]
+            ran = {r["arm"] for r in records if r["setup"] == setup}
+            arms = {"pb": ()}
+            for a in ABLATIONS:  # each with its own restarts replay, where one has run
+                arms.update({a: (), **({f"restarts/{a}": ()} if f"restarts/{a}" in ran else {})})
+            parts += [f"{setup}, the fidelity ablations (PB with one option changed; "
+                      "restarts/<arm>: the restarts control on that arm's stages):", "",
+                      table(records, setup, arms, ref="pb"), ""]
     return "\n".join(parts) or "No run recorded yet."
 
 
@@ -316,20 +333,21 @@ def main(argv=None) -> int:
         shared = ["--data", args.data, "--out", str(args.out), "--results", str(args.results),
                   "--concurrent", str(args.jobs)]
         # the pb runs first (the longest), then the arms that need a pb record, each as soon as
-        # its seed's pb run has finished, then the rest
+        # its seed's pb run has finished, then the rest, the ablations' replays last (each
+        # after its ablation)
         def label(arm, seed):
             return f"{args.setup} {arm} seed {seed}"
 
         def rank(arm):
-            return 0 if arm == "pb" else 1 if arm in DEPENDENT else 2
+            return 0 if arm == "pb" else 1 if arm in DEPENDENT else 3 if arm in REPLAYS else 2
 
         jobs = sorted(((arm, seed) for seed in seeds for arm in arms),
                       key=lambda job: (rank(job[0]), seeds.index(job[1])))
         specs = [(label(arm, seed), [sys.executable, str(Path(__file__).resolve()), "--setup",
                                      args.setup, "--arm", arm, "--seeds", str(seed), *shared],
                   args.out / args.setup / arm / f"seed{seed}.log") for arm, seed in jobs]
-        after = {label(arm, seed): label("pb", seed) for arm, seed in jobs
-                 if arm in DEPENDENT and "pb" in arms}
+        after = {label(arm, seed): label(source_arm(arm), seed) for arm, seed in jobs
+                 if source_arm(arm) in arms}
         return 1 if run_processes(specs, args.jobs, after=after) else 0
     for arm in arms:
         for seed in seeds:

@@ -72,6 +72,17 @@ def test_the_report_pairs_each_arm_with_pb_seed_by_seed():
     assert ablation.split(" | ")[4] == "-1.00"             # seed 0 only: seed 2 has no pb
 
 
+@pytest.mark.parametrize("setup", list(controls.SETUPS))
+def test_an_ablations_replay_is_the_restarts_control_with_its_flags(setup):
+    for arm, flags in controls.ABLATIONS.items():
+        replay = f"restarts/{arm}"
+        assert controls.source_arm(replay) == arm
+        cfg, ablation = _config(setup, replay), _config(setup, arm)
+        assert {k for k in cfg if cfg[k] != ablation[k]} == {"pb_control"}, arm
+        assert cfg["pb_control"] == "restarts"
+    assert controls.source_arm("restarts") == "pb" and controls.source_arm("pb-pearson") is None
+
+
 def test_matched_width_is_the_nearest_count():
     target = controls.count("mobilenet_tiny", 1.0) + 3000
     w = controls.matched_width("mobilenet_tiny", 1.0, target)
@@ -108,8 +119,19 @@ def test_every_arm_runs_records_and_reports(tmp_path, monkeypatch):
         assert controls.stage_lengths(recs[arm]["curve"]) == stages, arm
     assert recs["matched"]["width"] == controls.matched_width("mobilenet_tiny", 0.25,
                                                               recs["pb"]["params"])
+    assert controls.run_arm("tiny", "restarts/pb-pearson", 0, data, tmp_path / "runs",
+                            results) is None                # the ablation has not run
+    recs["pb-pearson"] = controls.run_arm("tiny", "pb-pearson", 0, data, tmp_path / "runs",
+                                          results)
+    replay = controls.run_arm("tiny", "restarts/pb-pearson", 0, data, tmp_path / "runs", results)
+    assert controls.stage_lengths(replay["curve"]) == controls.stage_lengths(
+        recs["pb-pearson"]["curve"])
+    assert replay["num_dendrites"] == 0
     records = table.load_records(results)
-    assert sorted(r["arm"] for r in records) == sorted(controls.ARMS)
+    assert sorted(r["arm"] for r in records) == sorted(
+        [*controls.ARMS, "pb-pearson", "restarts/pb-pearson"])
+    assert "| restarts/pb-pearson | 0 |" in controls.render(records)
+    records = [r for r in records if r["arm"] in controls.ARMS]
     text = controls.table(records, "tiny")
     assert text.count("\n") == len(controls.ARMS) + 1 and "baseline-es" in text
     pytest.importorskip("matplotlib")
