@@ -3,9 +3,10 @@
     y   = base + conv(x; W, b) + sum_k alpha[k] * s_k
     s_k = sigmoid(conv(x~; W_k, b_k) + sum_{j<k} kappa[k, j] * s_j)        x~ = x.detach()
 
-Read top to bottom: the public function (checks, then dispatch to a backend), then what the
-registered ops ``pbp_fast::{,triton_}dendritic_conv2d_{fwd,bwd}`` share between backends: the
-fake implementations and the autograd formula.  The math is :func:`reference.dendritic_conv2d`;
+Read top to bottom: the public function (checks, then ``run``: dispatch to a backend, which
+units call directly), then what the registered ops ``pbp_fast::{,triton_}dendritic_conv2d_{fwd,
+bwd}`` share between backends: the fake implementations and the autograd formula, registered
+with the ops and applied in eager mode through ``_Eager``.  The math is :func:`reference.dendritic_conv2d`;
 the kernels are ``dendritic_conv2d_*`` in csrc/cpu/dendritic_conv2d.cpp and
 kernels/dendritic_conv2d.py.
 """
