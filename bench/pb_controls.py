@@ -230,7 +230,8 @@ def table(records: list[dict], setup: str, arms=ARMS, ref: str = "baseline-es") 
 
 def plot(records: list[dict], setup: str, folder: Path) -> list[Path]:
     """``<setup>_curves.png`` (validation accuracy per epoch of PB and its controls, one seed,
-    PB's dendrite phases shaded) and ``<setup>_params.png`` (test accuracy against parameters, every run)."""
+    PB's dendrite phases shaded) and ``<setup>_params.png`` (test accuracy against parameters,
+    every run)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -242,7 +243,7 @@ def plot(records: list[dict], setup: str, folder: Path) -> list[Path]:
     seed = min(r["seed"] for r in runs)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for r in runs:
-        if r["seed"] != seed or r["arm"] not in ARMS:  # PB and its controls
+        if r["seed"] != seed or r["arm"] not in ARMS:  # PB and its controls only
             continue
         ep = [c[0] for c in r["curve"]]
         ax.plot(ep, [c[2] for c in r["curve"]], lw=1.2, label=r["arm"])

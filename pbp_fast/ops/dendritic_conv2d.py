@@ -6,9 +6,9 @@
 Read top to bottom: the public function (checks, then ``run``: dispatch to a backend, which
 units call directly), then what the registered ops ``pbp_fast::{,triton_}dendritic_conv2d_{fwd,
 bwd}`` share between backends: the fake implementations and the autograd formula, registered
-with the ops and applied in eager mode through ``_Eager``.  The math is :func:`reference.dendritic_conv2d`;
-the kernels are ``dendritic_conv2d_*`` in csrc/cpu/dendritic_conv2d.cpp and
-kernels/dendritic_conv2d.py.
+with the ops and applied in eager mode through ``_Eager``.  The math is
+:func:`reference.dendritic_conv2d`; the kernels are ``dendritic_conv2d_*`` in
+csrc/cpu/dendritic_conv2d.cpp and kernels/dendritic_conv2d.py.
 """
 from __future__ import annotations
 
