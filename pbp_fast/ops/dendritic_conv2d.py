@@ -66,17 +66,24 @@ def dendritic_conv2d_with_s(x, weight, bias, d_weight, d_bias, d_scale, d_cascad
     checks.same_kind(x, (("weight", weight), ("bias", bias), ("d_weight", d_weight),
                          ("d_bias", d_bias), ("d_scale", d_scale), ("d_cascade", d_cascade),
                          ("base", base)))
-    return run(x, weight, bias, d_weight, d_bias, d_scale, d_cascade, *conv, base=base,
-               save_s=save_s, backend=pick_backend(backend, x))
+    return _dispatch(x, weight, bias, d_weight, d_bias, d_scale, d_cascade, conv, base, save_s,
+                     pick_backend(backend, x))
 
 
 def run(x, weight, bias, d_weight, d_bias, d_scale, d_cascade, stride, padding, dilation, groups,
         *, base, save_s, backend):
     """:func:`dendritic_conv2d_with_s` on arguments already checked (conv arguments as pairs,
     a named backend): what a DendriticUnit calls for its own, well-formed tensors."""
-    conv = stride, padding, dilation, groups
     x, (weight, bias, d_weight, d_bias, d_scale, d_cascade, base) = _autocast(
         x, (weight, bias, d_weight, d_bias, d_scale, d_cascade, base))
+    return _dispatch(x, weight, bias, d_weight, d_bias, d_scale, d_cascade,
+                     (stride, padding, dilation, groups), base, save_s, backend)
+
+
+def _dispatch(x, weight, bias, d_weight, d_bias, d_scale, d_cascade, conv, base, save_s,
+              backend):
+    """The op on checked arguments, already in the autocast dtype: the reference, the plain
+    conv (D = 0), or the backend's fused op with its autograd formula."""
     if backend == "reference":
         return reference.dendritic_conv2d(x, weight, bias, d_weight, d_bias, d_scale, d_cascade,
                                           *conv, base=base, save_s=save_s)
