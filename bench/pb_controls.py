@@ -33,6 +33,7 @@ time and the validation curve) into ``bench/results/pb_controls.json``.
 from __future__ import annotations
 
 import argparse
+import csv
 import shlex
 import statistics
 import sys
@@ -44,7 +45,7 @@ from cifar_table import (Stats, default_data, device_name, load_records, prepare
                          replace_between, run_processes, save_record)
 
 from pbp_fast import cli
-from pbp_fast.core import History
+from pbp_fast.core import History, convert
 from pbp_fast.recipe.flags import config_from_args
 from pbp_fast.recipe.models import create_model
 from pbp_fast.recipe.trainer import train
@@ -119,6 +120,12 @@ def count(model: str, width: float) -> int:
     return sum(p.numel() for p in create_model(model, width_mult=width).parameters())
 
 
+def unit_channels(model: str, width: float) -> int:
+    """The output channels of all the model's units: how many per-channel scores a dendrite
+    phase's summed candidate score adds up."""
+    return sum(u.out_channels for u in convert(create_model(model, width_mult=width)).values())
+
+
 def matched_width(model: str, width: float, params: int) -> float:
     """The width multiplier (in steps of 0.01, from ``width`` up) whose parameter count is
     nearest to ``params``."""
@@ -157,6 +164,16 @@ def stage_lengths(curve: list) -> tuple[int, ...]:
                     for _, p, _, event in curve]).stage_lengths()
 
 
+def candidate_scores(pb_history: Path) -> list[list]:
+    """[epoch, the units' summed candidate score] of each dendrite-phase epoch, from a run's
+    ``pb_history.csv`` (none without one)."""
+    if not pb_history.exists():
+        return []
+    with pb_history.open() as f:
+        return [[int(r["epoch"]), float(r["candidate_score"])] for r in csv.DictReader(f)
+                if r["phase"] == "dendrite"]
+
+
 def run_arm(setup: str, arm: str, seed: int, data: str, out: Path, results: Path,
             concurrent: int = 1, log=print) -> dict | None:
     """Train one arm for one seed (resumed if its folder holds a ``last.pt``) and record it."""
@@ -184,6 +201,8 @@ def run_arm(setup: str, arm: str, seed: int, data: str, out: Path, results: Path
            "device": device_name(cfg.device), "concurrent_runs": concurrent,
            "date": time.strftime("%Y-%m-%d"), "command": shlex.join(["pbp-fast", "train", *args]),
            "seconds": sum(r["seconds"] for r in result.history), "curve": curve,
+           "candidate_scores": candidate_scores(run_dir / "pb_history.csv"),
+           "channels": unit_channels(SETUPS[setup].model, width),
            **{k: getattr(result, k) for k in ("test_acc", "val_acc", "params", "params_dendrites",
                                               "num_dendrites", "best_epoch", "epochs")}}
     save_record(results, rec, key=("setup", "arm", "seed"),
@@ -272,6 +291,39 @@ def plot(records: list[dict], setup: str, folder: Path) -> list[Path]:
     return [curves, params]
 
 
+def dendrite_phases(scores: list) -> list[list]:
+    """A run's ``candidate_scores`` ([epoch, summed score] per dendrite-phase epoch) split into
+    its dendrite phases."""
+    phases: list[list] = []
+    for epoch, score in scores:
+        if not phases or epoch != phases[-1][-1][0] + 1:
+            phases.append([])
+        phases[-1].append((epoch, score))
+    return phases
+
+
+def correlations(records: list[dict], setup: str) -> str:
+    """How far the candidates got, in the runs scored by Pearson's r: per dendrite phase, the
+    mean over the units' output channels of each channel's best |r| when the phase ended, and
+    its growth in the phase's last epoch."""
+    runs = [r for r in records if r["setup"] == setup and r.get("candidate_scores")
+            and "--pb-score pearson" in r["command"]]
+    if not runs:
+        return ""
+    lines = [f"{setup}, how far the candidates got (the runs scored by Pearson's r): at the end "
+             "of each dendrite phase, the mean over the units' output channels of each "
+             "channel's best |r| with the unit's error, and its growth in the phase's last "
+             "epoch:", "", "| arm | seed | dendrite phase (epochs) | mean best \\|r\\| | "
+             "last epoch's growth |", "|---|---|---|---:|---:|"]
+    for r in runs:
+        for ph in dendrite_phases(r["candidate_scores"]):
+            (first, _), (last, score) = ph[0], ph[-1]
+            grew = f"{score / ph[-2][1] - 1:+.1%}" if len(ph) > 1 else "—"
+            lines.append(f"| {r['arm']} | {r['seed']} | {first}-{last} ({len(ph)}) | "
+                         f"{score / r['channels']:.4f} | {grew} |")
+    return "\n".join(lines) + "\n"
+
+
 def render(records: list[dict]) -> str:
     parts = []
     for setup, s in SETUPS.items():
@@ -286,6 +338,7 @@ def render(records: list[dict]) -> str:
             parts += [f"{setup}, the fidelity ablations (PB with one option changed; "
                       "restarts/<arm>: the restarts control on that arm's stages):", "",
                       table(records, setup, arms, ref="pb"), ""]
+        parts += [c for c in [correlations(records, setup)] if c]
     return "\n".join(parts) or "No run recorded yet."
 
 

@@ -7,7 +7,8 @@ channels_last, with 0, 1 and 3 dendrites per unit:
   through ``pbp_fast.functional``;
 * the dendrite phase: the block's two ``DendriticConv2d`` units with a candidate each and
   everything else frozen, forward + backward, whose backward runs each unit's candidate pass
-  and bookkeeping.
+  and bookkeeping; and the same with a BatchNorm in each candidate (``candidate_bn``), one
+  dendrite.
 
 Every case is also given as a multiple of the plain block (``F.conv2d``, path "plain") of the
 same run, beside its FLOP floor (its FLOPs over the plain block's, counted on the reference path)
@@ -102,10 +103,11 @@ def test_block(benchmark, flop_floor, interleaved, mode, d, layout, path):
     interleaved(benchmark, block_step(forward, params, grad_y, mode, path), plain, rounds=7)
 
 
-def candidate_block(d, channels_last, backend):
-    """The block's units in the dendrite phase: d trained dendrites and a candidate each, all
-    else frozen; returns the step (forward + backward with a dense upstream gradient; the input
-    needs no gradient: nothing before the block trains)."""
+def candidate_block(d, channels_last, backend, bn=False):
+    """The block's units in the dendrite phase: d trained dendrites and a candidate each (with
+    ``bn`` a BatchNorm in each candidate), all else frozen; returns the step (forward +
+    backward with a dense upstream gradient; the input needs no gradient: nothing before the
+    block trains)."""
     torch.manual_seed(0)
     units = (DendriticConv2d(nn.Conv2d(C, C, 3, padding=1, groups=C)),
              DendriticConv2d(nn.Conv2d(C, O, 1)))
@@ -115,6 +117,7 @@ def candidate_block(d, channels_last, backend):
             u.add_dendrite()
     block = nn.Sequential(units[0], nn.ReLU(), units[1]).requires_grad_(False)
     for u in units:
+        u.candidate_bn = bn
         u.start_candidate()  # new parameters, the only ones that train
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     g = torch.Generator().manual_seed(1)
@@ -140,3 +143,18 @@ def test_block_dendrite_phase(benchmark, flop_floor, interleaved, d, layout, pat
         path=path, plain=plain_group("forward_backward", layout),
         flop_floor=flop_floor(candidate_block(d, layout == "channels_last", "reference"), plain))
     interleaved(benchmark, candidate_block(d, layout == "channels_last", path), plain, rounds=7)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_block_dendrite_phase_bn(benchmark, flop_floor, interleaved, layout, path):
+    """The dendrite phase with a BatchNorm in each candidate (``PBConfig.candidate_bn``), one
+    trained dendrite per unit."""
+    cl = layout == "channels_last"
+    benchmark.group = f"block dendrite_phase_bn D=1 {layout}"
+    forward, params, grad_y = make_block(0, cl)
+    plain = block_step(forward, params, grad_y, "forward_backward", "plain")
+    benchmark.extra_info.update(
+        path=path, plain=plain_group("forward_backward", layout),
+        flop_floor=flop_floor(candidate_block(1, cl, "reference", bn=True), plain))
+    interleaved(benchmark, candidate_block(1, cl, path, bn=True), plain, rounds=7)

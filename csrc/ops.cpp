@@ -30,6 +30,12 @@ TORCH_LIBRARY(pbp_fast, m) {
   m.def("candidate_pass(Tensor x, Tensor weight, Tensor? bias, Tensor? cascade, Tensor? s, "
         "Tensor e, Tensor mean_e, Tensor sign, int[2] stride, int[2] padding, int[2] dilation, "
         "int groups) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The candidate pass after its conv, on the pre-activation z computed by the caller (a
+  // candidate with a BatchNorm: conv, then the batch's normalisation): v = sigmoid(z + sum_j
+  // cascade[j] * s[j]); returns the float64 per-channel sums (6 + D, Cout) of (v, e, v*e, e*e,
+  // v*v, g, g*s_j) with g = dL/dz = -sign * (e - mean_e) / n * v * (1 - v), and g.
+  m.def("candidate_epilogue(Tensor z, Tensor? cascade, Tensor? s, Tensor e, Tensor mean_e, "
+        "Tensor sign) -> (Tensor, Tensor)");
   // From a candidate's running means (5, Cout) float64 of (v, e, v e, e e, v v):
   // (mean_e, sign(C)) in `dtype`, what candidate_pass takes (C = correlation, docs/design.md "The math").
   m.def("candidate_objective(Tensor mean, ScalarType dtype) -> (Tensor, Tensor)");

@@ -6,9 +6,10 @@
     candidate_objective_kernel   (mean_e, sign C) from the running means
     candidate_update_kernel      one batch folded into the running means, the best score raised
 
-The ops ``pbp_fast::triton_candidate_{pass,objective,update}`` launch them (candidate_pass: the
-kernel, plus a cuDNN conv in mode 2, and one cuDNN weight gradient).  On a CUDA machine they are
-also the CUDA kernels of the C++ ops of the same schema (csrc/ops.cpp).
+The ops ``pbp_fast::triton_candidate_{pass,epilogue,objective,update}`` launch them
+(candidate_pass: the kernel, plus a cuDNN conv in mode 2, and one cuDNN weight gradient;
+candidate_epilogue: the kernel in mode 2 on a pre-activation computed by the caller).  On a
+CUDA machine they are also the CUDA kernels of the C++ ops of the same schema (csrc/ops.cpp).
 """
 from __future__ import annotations
 
@@ -159,37 +160,58 @@ def candidate_update_kernel(mean_ptr, count_ptr, batches_ptr, best_ptr, sums_ptr
         tl.store(better_ptr, better)
 
 
+def _launch_pass(x, weight, bias, z, mode, cascade, s, e, mean_e, sign, stride, padding,
+                 dilation, ga):
+    """candidate_kernel over the output (N, C, Ho, Wo) of ``ga``, which it fills with dL/da;
+    returns the float64 sums (6 + D, C).  In mode 2 the kernel reads the conv's output from
+    ``z`` (x and weight give only the geometry)."""
+    n, c, ho, wo = ga.shape
+    dc = 0 if cascade is None else cascade.shape[0]
+    r = 6 + dc
+    bc, bk, warps = blocks(mode, c, dc)
+    part = partials(n * ho * wo, r, c, x)
+    sv = s if dc else e.new_empty((1, 1, 1, 1, 1))
+    common.launch(candidate_kernel, (part.shape[0], triton.cdiv(c, bc)),
+        x, weight, x if bias is None else bias, z, x if cascade is None else cascade, sv, e,
+        mean_e, sign, ga, part, n * ho * wo, ho * wo, wo, c, x.shape[1], x.shape[2],
+        x.shape[3], 1.0 / (n * ho * wo), *x.stride(), *strides(z), *sv.stride(), *e.stride(),
+        *ga.stride(), *stride, *padding, *dilation, MODE=mode, HAS_B=bias is not None, DC=dc,
+        DCP=pow2(dc), R=r, KH=weight.shape[2], KW=weight.shape[3], BP=BP, BC=bc, BK=bk,
+        **precision(x), VEC=vec(*read_x(mode, c, x.shape[1], x), z, sv if dc else None, e, ga),
+        num_warps=warps)
+    return partial_sums(part)
+
+
 @kernel_op("pbp_fast::triton_candidate_pass")
 def candidate_pass(
         x: Tensor, weight: Tensor, bias: Optional[Tensor], cascade: Optional[Tensor],
         s: Optional[Tensor], e: Tensor, mean_e: Tensor, sign: Tensor, stride: list[int],
         padding: list[int], dilation: list[int], groups: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    c = weight.shape[0]
-    dc = 0 if cascade is None else cascade.shape[0]
     n, c_in, h, w, ho, wo = conv_geometry(x, weight.shape, stride, padding, dilation)
     mode = conv_mode(c_in, weight.shape, groups)
     z = x.new_empty(0)
     if mode == 2:
         z = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
-    r = 6 + dc
-    bc, bk, warps = blocks(mode, c, dc)
-    part = partials(n * ho * wo, r, c, x)
-    ga = alloc((n, c, ho, wo), e)
-    sv = s if dc else e.new_empty((1, 1, 1, 1, 1))
-    common.launch(candidate_kernel, (part.shape[0], triton.cdiv(c, bc)),
-        x, weight, x if bias is None else bias, z, x if cascade is None else cascade, sv, e,
-        mean_e, sign, ga, part, n * ho * wo, ho * wo, wo, c, c_in, h, w, 1.0 / (n * ho * wo),
-        *x.stride(), *strides(z), *sv.stride(), *e.stride(), *ga.stride(),
-        *stride, *padding, *dilation, MODE=mode, HAS_B=bias is not None, DC=dc, DCP=pow2(dc),
-        R=r, KH=weight.shape[2], KW=weight.shape[3], BP=BP, BC=bc, BK=bk,
-        **precision(x), VEC=vec(*read_x(mode, c, c_in, x), z, sv if dc else None, e, ga),
-        num_warps=warps)
-    sums = partial_sums(part)
+    ga = alloc((n, weight.shape[0], ho, wo), e)
+    sums = _launch_pass(x, weight, bias, z, mode, cascade, s, e, mean_e, sign, stride,
+                        padding, dilation, ga)
     gw = torch.ops.aten.convolution_backward(ga, x, weight, None, stride, padding, dilation,
                                              False, [0, 0], groups, [False, True, False])[1]
     return (sums[:5].float(), gw.contiguous(), sums[5].to(weight.dtype, copy=True),
             sums[6:].to(weight.dtype, copy=True))
+
+
+@kernel_op("pbp_fast::triton_candidate_epilogue")
+def candidate_epilogue(
+        z: Tensor, cascade: Optional[Tensor], s: Optional[Tensor], e: Tensor, mean_e: Tensor,
+        sign: Tensor
+) -> tuple[Tensor, Tensor]:
+    ga = alloc(z.shape, z)
+    ones = [1, 1]
+    sums = _launch_pass(z, z.new_empty((1, 1, 1, 1)), None, z, 2, cascade, s, e, mean_e, sign,
+                        ones, [0, 0], ones, ga)
+    return sums, ga
 
 
 @kernel_op("pbp_fast::triton_candidate_objective")
@@ -218,6 +240,7 @@ def candidate_update(mean: Tensor, count: Tensor, batches: Tensor, best_score: T
 
 if ops.HAVE_C:  # the C++ ops (csrc/ops.cpp) on CUDA tensors run these
     for _name, _op_def in (("candidate_pass", candidate_pass),
+                           ("candidate_epilogue", candidate_epilogue),
                            ("candidate_objective", candidate_objective),
                            ("candidate_update", candidate_update)):
         torch.library.register_kernel(f"pbp_fast::{_name}", "cuda", _op_def)

@@ -118,12 +118,86 @@ def test_correlation_is_normalised_covariance_or_pearson():
     torch.testing.assert_close(R.correlation(scaled), 10 * R.correlation(mean))
 
 
+def candidate_bn_case(seed, dtype):
+    """A candidate_case with a BatchNorm: gamma around 1, beta around 0, eps."""
+    args, conv = candidate_case(seed, dtype)
+    g = torch.Generator().manual_seed(seed)
+    c = args[1].shape[0]
+    gamma = (0.5 + torch.rand(c, generator=g, dtype=torch.float64)).to(dtype)
+    beta = (torch.randn(c, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+    return (*args, gamma, beta, 1e-5), conv
+
+
+BN_OUTPUTS = ("stats", "grad_weight", "grad_bias", "grad_cascade", "grad_bn_weight",
+              "grad_bn_bias", "mean", "var")
+
+
+def assert_bn_pass_matches_reference(args, conv, backend, tol, device="cpu"):
+    ref = Fn.candidate_pass_bn(*args, backend="reference", **conv)
+    out = Fn.candidate_pass_bn(*(a.to(device) if isinstance(a, torch.Tensor) else a
+                                 for a in args), backend=backend, **conv)
+    for name, a, b in zip(BN_OUTPUTS, out, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        scale = 1 + b.abs().max().item() if b.numel() else 1
+        # grad_bias is 0 up to rounding (a bias before a BatchNorm has no effect)
+        atol = max(tol, 1e-6) * (scale if name != "grad_bias" else 10 * scale)
+        torch.testing.assert_close(a.cpu(), b, atol=atol, rtol=tol, msg=name)
+
+
+@needs_cpp
+@pytest.mark.parametrize("seed", range(16))
+def test_candidate_pass_bn_matches_reference(seed):
+    """The fused candidate pass of a candidate with a BatchNorm (normalisation, fused epilogue,
+    the BatchNorm's backward in closed form) against autograd through F.batch_norm."""
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
+        assert_bn_pass_matches_reference(*candidate_bn_case(seed, dtype), "cpp", tol)
+
+
+@needs_cpp
+def test_candidate_epilogue_is_the_pass_after_the_conv():
+    """candidate_epilogue on z = conv(x) + bias gives candidate_pass's sums and, through the
+    conv's weight gradient, its weight gradient; dL/dz in z's layout."""
+    for seed in (0, 1, 7, 9):
+        (x, w, b, casc, s, e, mean_e, sign), conv = candidate_case(seed, torch.float64)
+        ref = Fn.candidate_pass(x, w, b, casc, s, e, mean_e, sign, backend="reference", **conv)
+        z = torch.nn.functional.conv2d(x, w, b, **conv)
+        sums, g = torch.ops.pbp_fast.candidate_epilogue(z, casc, s, e, mean_e, sign)
+        d = 0 if casc is None else casc.shape[0]
+        assert sums.shape == (6 + d, w.shape[0]) and sums.dtype == torch.float64
+        assert Fn.is_channels_last(g) == Fn.is_channels_last(z)
+        torch.testing.assert_close(sums[:5].float(), ref[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(sums[5], ref[2], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(sums[6:], ref[3], rtol=1e-10, atol=1e-12)
+        c = [conv["stride"], conv["padding"], conv["dilation"]]
+        gw = torch.ops.aten.convolution_backward(g, x, w, None, *[[v] * 2 for v in c], False,
+                                                 [0, 0], conv["groups"],
+                                                 [False, True, False])[1]
+        torch.testing.assert_close(gw, ref[1], rtol=1e-10, atol=1e-12)
+
+
+def test_candidate_pass_bn_errors_name_the_argument():
+    args, conv = candidate_bn_case(0, torch.float32)
+    *head, gamma, beta, eps = args
+    with pytest.raises(ValueError, match="bn_weight"):
+        Fn.candidate_pass_bn(*head, gamma[:-1], beta, eps, **conv)
+    with pytest.raises(TypeError, match="bn_bias"):
+        Fn.candidate_pass_bn(*head, gamma, None, eps, **conv)
+    with pytest.raises(TypeError, match="bn_bias"):
+        Fn.candidate_pass_bn(*head, gamma, beta.double(), eps, **conv)
+    for bad, err in ((0.0, ValueError), (-1e-5, ValueError), (float("nan"), ValueError),
+                     ("1e-5", TypeError), (True, TypeError)):
+        with pytest.raises(err, match="eps"):
+            Fn.candidate_pass_bn(*head, gamma, beta, bad, **conv)
+
+
 @needs_cpp
 def test_opcheck_candidate_pass():
     for seed in (0, 1, 2, 5, 7, 9):  # 7, 9: a dense / grouped 3x3 or 5x5 conv, channels_last
         args, conv = candidate_case(seed, torch.float64)
         c = [[conv["stride"]] * 2, [conv["padding"]] * 2, [conv["dilation"]] * 2, conv["groups"]]
         torch.library.opcheck(torch.ops.pbp_fast.candidate_pass.default, (*args, *c))
+        z = torch.nn.functional.conv2d(*args[:3], **conv)
+        torch.library.opcheck(torch.ops.pbp_fast.candidate_epilogue.default, (z, *args[3:]))
 
 
 STATE_BACKENDS = pbp_fast.backends()  # "triton" on the CPU interpreter without a GPU

@@ -2,7 +2,7 @@
 here) on half batches against 1 process on the whole batch, across a full phase cycle
 (neuron -> dendrite -> neuron with the new dendrites -> dendrite with cascades -> neuron);
 checkpoints written by 2 ranks resumed by 1 and back; a restructure under DDP with BatchNorm;
-the misuse errors; and the sharded loader.
+candidates with a BatchNorm; the misuse errors; and the sharded loader.
 
 The equivalence model has no BatchNorm: with half batches each rank's batch statistics differ
 from the whole batch's (SyncBatchNorm, which would fix that, runs on GPUs only).  The BatchNorm
@@ -265,6 +265,42 @@ def test_restructures_under_ddp_with_batchnorm_keep_the_ranks_identical(tmp_path
             assert torch.equal(v, runs[1]["states"][e][k]), (e, k)
     reference = _bn_net(seed=0).state_dict()  # rank 0's initialisation won
     assert any(not torch.equal(v, _bn_net(seed=1).state_dict()[k]) for k, v in reference.items())
+
+
+def _candidate_bn_step(rank, world):
+    """A dendrite phase whose candidates have a BatchNorm (on _bn_net, rank 0's weights): one
+    step on this rank's share of one global batch; returns the candidates' state."""
+    model = _bn_net(seed=0)
+    pb = pbp.PerforatedBackprop(model, **{**CONFIG, "n_epochs": 1, "candidate_bn": True})
+    assert pb.add_validation_score(1.0).restructured and pb.phase == "dendrite"
+    net = distributed.wrap(model)
+    opt = _optimizer(pb)
+    idx = torch.arange(BATCH).chunk(world)[rank]
+    F.cross_entropy(net(X[idx]), Y[idx]).backward()
+    opt.step()
+    return {k: v for k, v in _snapshot(model).items() if ".candidate." in k}
+
+
+def _candidate_bn_ranks(rank, out):
+    torch.save(_candidate_bn_step(rank, WORLD), out / f"candidate_bn{rank}.pt")
+
+
+def test_candidate_batchnorm_under_ddp_keeps_the_ranks_identical(tmp_path):
+    """Each rank normalises a candidate with its own half batch; the running statistics follow
+    the whole batch's moments: after one step they are one process's on the whole batch (the
+    conv output does not depend on the normalisation), and every candidate state is the same
+    on both ranks."""
+    _spawn(tmp_path, _candidate_bn_ranks, tmp_path)
+    ranks = [torch.load(tmp_path / f"candidate_bn{r}.pt", weights_only=True)
+             for r in range(WORLD)]
+    assert any(k.endswith("candidate.bn_var") for k in ranks[0])
+    for k, v in ranks[0].items():
+        assert torch.equal(v, ranks[1][k]), k
+    one = _candidate_bn_step(0, 1)
+    for k, v in one.items():
+        if k.endswith(("candidate.bn_mean", "candidate.bn_var")):
+            assert not torch.equal(v, torch.zeros_like(v) if "mean" in k else torch.ones_like(v))
+            torch.testing.assert_close(ranks[0][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 # -- one process and the sharded loader ----------------------------------------------------------

@@ -448,9 +448,10 @@ def test_linear_candidate_trains_behind_an_inplace_activation():
         assert float(unit.candidate.batches) == 1
 
 
-def _dendrite_phase_net(backend):
+def _dendrite_phase_net(backend, candidate_bn=False):
     """conv+BN, depthwise+BN and a Linear head, converted, with 0 or 1 trained dendrites and a
-    candidate per unit, everything else frozen (the controller's dendrite phase)."""
+    candidate per unit (with ``candidate_bn`` a BatchNorm in each), everything else frozen (the
+    controller's dendrite phase)."""
     torch.manual_seed(6)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
@@ -459,7 +460,7 @@ def _dendrite_phase_net(backend):
     units = list(pbp_fast.convert(model).values())
     for i, unit in enumerate(units):
         unit.backend = backend
-        unit.warmup_batches = 2
+        unit.warmup_batches, unit.candidate_bn = 2, candidate_bn
         add_random_dendrites(unit, i % 2)
         unit.start_candidate()
     train_candidates_only(model, units)
@@ -474,15 +475,17 @@ def _dendrite_phase_net(backend):
 @pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13),
                     reason="tested from torch 2.13; torch 2.4's Dynamo refuses is_contiguous "
                            "inside an autograd.Function's backward (strict mode)")
-def test_dendrite_phase_compiles_fullgraph_and_matches_eager(backend, compiler):
+@pytest.mark.parametrize("candidate_bn", [False, True])
+def test_dendrite_phase_compiles_fullgraph_and_matches_eager(backend, compiler, candidate_bn):
     """torch.compile(fullgraph=True) traces a dendrite-phase step (the candidate pass and the
     running-statistics and snapshot updates run in the backward graph): three SGD steps give
-    the candidates' weights, statistics and snapshots, and the BatchNorm statistics, of eager."""
+    the candidates' weights, statistics and snapshots, and the BatchNorm statistics, of eager;
+    with ``candidate_bn`` too (the fused pass around a BatchNorm)."""
     x = torch.randn(4, 3, 6, 6).contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, 5, (4,))
     states = []
     for compiled in (False, True):
-        model, units = _dendrite_phase_net(backend)
+        model, units = _dendrite_phase_net(backend, candidate_bn)
         net = torch.compile(model, fullgraph=True, backend=compiler) if compiled else model
         opt = torch.optim.SGD([p for u in units for p in u.candidate_parameters()], lr=0.5)
         losses = []
@@ -531,6 +534,32 @@ def test_candidate_pass_bn_is_the_gradient_through_a_training_batchnorm():
     torch.testing.assert_close(mean, bn.running_mean)  # momentum 1: the batch's own
     torch.testing.assert_close(var, bn.running_var)
     torch.testing.assert_close(stats[0].double(), v.detach().sum((0, 2, 3)))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_candidate_with_batchnorm_fused_matches_reference_backend(backend, layout):
+    """A dendrite-phase step of a unit whose candidate has a BatchNorm: the fused backend's
+    gradients, running statistics and scores are the reference backend's."""
+    units = []
+    for b in ("reference", backend):
+        unit, x = _candidate_unit(d=1, backend=b)
+        unit.candidate_bn, unit.warmup_batches = True, 0
+        unit.start_candidate()
+        for p in unit.candidate_parameters():
+            p.requires_grad_(True)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        for _ in range(2):
+            unit(x).square().sum().backward()
+        units.append(unit.candidate)
+    ref, got = units
+    for name in ("weight", "bias", "cascade", "bn_weight", "bn_bias"):
+        torch.testing.assert_close(getattr(got, name).grad, getattr(ref, name).grad,
+                                   rtol=1e-4, atol=1e-6, msg=name)
+    for name in ("bn_mean", "bn_var", "stats", "best_score"):
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-4,
+                                   atol=1e-6, msg=name)
 
 
 def test_candidate_with_batchnorm_trains_and_is_adopted_folded():

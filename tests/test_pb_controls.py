@@ -90,6 +90,21 @@ def test_matched_width_is_the_nearest_count():
     assert w > 1.0 and near[1] == min(near)
 
 
+def test_the_correlation_table_splits_dendrite_phases():
+    """Each dendrite phase of a Pearson-scored run: its epochs, the summed score at its end
+    over the units' channels, and the growth in its last epoch; other runs are left out."""
+    scores = [[5, 1.0], [6, 2.0], [7, 2.5], [12, 3.0], [13, 3.3]]
+    assert controls.dendrite_phases(scores) == [[(5, 1.0), (6, 2.0), (7, 2.5)],
+                                                [(12, 3.0), (13, 3.3)]]
+    rec = {"setup": "cpu16", "arm": "pb-pearson", "seed": 1, "channels": 100,
+           "command": "pbp-fast train --pb-score pearson", "candidate_scores": scores}
+    other = {**rec, "arm": "pb", "command": "pbp-fast train"}
+    rows = controls.correlations([rec, other], "cpu16").splitlines()[4:]
+    assert rows == ["| pb-pearson | 1 | 5-7 (3) | 0.0250 | +25.0% |",
+                    "| pb-pearson | 1 | 12-13 (2) | 0.0330 | +10.0% |"]
+    assert controls.correlations([other], "cpu16") == ""
+
+
 def test_every_arm_runs_records_and_reports(tmp_path, monkeypatch):
     table = sys.modules["cifar_table"]
     data, _, val = table.smoke_data(str(tmp_path / "none"), tmp_path / "data", 60)
@@ -123,6 +138,10 @@ def test_every_arm_runs_records_and_reports(tmp_path, monkeypatch):
                             results) is None                # the ablation has not run
     recs["pb-pearson"] = controls.run_arm("tiny", "pb-pearson", 0, data, tmp_path / "runs",
                                           results)
+    pearson = recs["pb-pearson"]
+    assert [e for e, _ in pearson["candidate_scores"]] == [c[0] for c in pearson["curve"]
+                                                          if c[1] == "d"]
+    assert pearson["channels"] == controls.unit_channels("mobilenet_tiny", 0.25) > 0
     replay = controls.run_arm("tiny", "restarts/pb-pearson", 0, data, tmp_path / "runs", results)
     assert controls.stage_lengths(replay["curve"]) == controls.stage_lengths(
         recs["pb-pearson"]["curve"])
@@ -131,6 +150,7 @@ def test_every_arm_runs_records_and_reports(tmp_path, monkeypatch):
     assert sorted(r["arm"] for r in records) == sorted(
         [*controls.ARMS, "pb-pearson", "restarts/pb-pearson"])
     assert "| restarts/pb-pearson | 0 |" in controls.render(records)
+    assert "how far the candidates got" in controls.render(records)
     records = [r for r in records if r["arm"] in controls.ARMS]
     text = controls.table(records, "tiny")
     assert text.count("\n") == len(controls.ARMS) + 1 and "baseline-es" in text

@@ -20,7 +20,8 @@ from conftest import (DSBlock, add_random_dendrites, needs_cuda, needs_triton,
                       train_candidates_only)
 from pbp_fast import functional as Fn
 from pbp_fast.ops import is_channels_last
-from test_candidate import _batch_sums, _candidate_state, candidate_case
+from test_candidate import (_batch_sums, _candidate_state, assert_bn_pass_matches_reference,
+                            candidate_bn_case, candidate_case)
 from test_ops import NAMES, random_case, run
 
 pytestmark = needs_triton
@@ -136,6 +137,14 @@ def test_candidate_pass_matches_reference(seed):
                                        msg=name)
 
 
+@pytest.mark.parametrize("seed", [0, 3, 7])
+def test_candidate_pass_bn_matches_reference(seed):
+    """A candidate with a BatchNorm: the Triton epilogue between the normalisation and its
+    closed-form backward, against autograd through F.batch_norm."""
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
+        assert_bn_pass_matches_reference(*candidate_bn_case(seed, dtype), "triton", tol, DEV)
+
+
 def test_x_gradient_is_exactly_the_main_convs():
     t, conv = random_case(3, torch.float64, small=True)
     t["weight"] = torch.randn(t["d_weight"].shape[1:], dtype=torch.float64)
@@ -208,6 +217,9 @@ def test_opcheck(seed):
     args, conv = candidate_case(seed, torch.float64)
     torch.library.opcheck(ops.triton_candidate_pass.default,
                           (*(None if a is None else a.to(DEV) for a in args), *_conv_list(conv)))
+    args = [None if a is None else a.to(DEV) for a in args]
+    z = F.conv2d(*args[:3], **conv)
+    torch.library.opcheck(ops.triton_candidate_epilogue.default, (z, *args[3:]))
 
 
 def test_opcheck_candidate_state_ops():

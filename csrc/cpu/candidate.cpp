@@ -8,6 +8,8 @@
 //
 // Depthwise candidates run a direct kernel (conv, epilogue and weight gradient per output row
 // of a plane, or per output pixel in NHWC); others use an ATen conv for a and for grad W.
+// candidate_epilogue is the epilogue alone, on a pre-activation the caller computed (a
+// candidate with a BatchNorm: pbp_fast/ops/candidate.py normalises the conv's output).
 #include "common.h"
 
 #include <torch/library.h>
@@ -145,6 +147,31 @@ std::vector<double> candidate_epilogue(const Geom& g, T* a, const Args<T>& p) {
 }
 
 
+// The tensors behind Args: e, s in the layout `fmt`, the per-channel ones contiguous.
+struct CandInputs {
+  int64_t D;
+  at::Tensor e, mean_e, sign, cascade;
+  std::vector<at::Tensor> s;
+  CandInputs(const std::optional<at::Tensor>& cascade_, const std::optional<at::Tensor>& s_,
+             const at::Tensor& e_, const at::Tensor& mean_e_, const at::Tensor& sign_,
+             at::MemoryFormat fmt)
+      : D(cascade_.has_value() ? cascade_->size(0) : 0),
+        e(e_.contiguous(fmt)),
+        mean_e(mean_e_.contiguous()),
+        sign(sign_.contiguous()),
+        cascade(D ? cascade_->contiguous() : at::Tensor()) {
+    for (int64_t k = 0; k < D; ++k) s.push_back((*s_)[k].contiguous(fmt));
+  }
+  template <typename T>
+  Args<T> args(const Geom& g) const {
+    Args<T> p{nullptr, nullptr, nullptr, D ? cascade.data_ptr<T>() : nullptr, e.data_ptr<T>(),
+              mean_e.data_ptr<T>(), sign.data_ptr<T>(), {},
+              T(1) / T(std::max<int64_t>(1, g.N * g.HW()))};
+    for (auto& t : s) p.s.push_back(t.data_ptr<T>());
+    return p;
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> candidate_cpu(
     const at::Tensor& x_, const at::Tensor& weight, const std::optional<at::Tensor>& bias_,
     const std::optional<at::Tensor>& cascade_, const std::optional<at::Tensor>& s_,
@@ -154,12 +181,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> candidate_cpu(
   const Geom g = make_geom(x_, weight.unsqueeze(0), stride, padding, dilation, groups);
   const auto fmt = format_of(g.channels_last);
   const int64_t C = g.Cout, KK = g.KH * g.KW;
-  const int64_t D = cascade_.has_value() ? cascade_->size(0) : 0;
-  auto x = x_.contiguous(fmt), e = e_.contiguous(fmt);
-  auto mean_e = mean_e_.contiguous(), sign = sign_.contiguous();
-  auto cascade = D ? cascade_->contiguous() : at::Tensor();
-  std::vector<at::Tensor> s;
-  for (int64_t k = 0; k < D; ++k) s.push_back((*s_)[k].contiguous(fmt));
+  const CandInputs in(cascade_, s_, e_, mean_e_, sign_, fmt);
+  const int64_t D = in.D;
+  auto x = x_.contiguous(fmt);
   auto bias = bias_.has_value() ? bias_->contiguous() : at::Tensor();
   auto opt = x.options();
   const CandAcc ix{D, C};
@@ -167,10 +191,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> candidate_cpu(
   at::Tensor gw;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "candidate_pass", [&] {
     using T = scalar_t;
-    Args<T> p{x.data_ptr<T>(), nullptr, bias.defined() ? bias.data_ptr<T>() : nullptr,
-              D ? cascade.data_ptr<T>() : nullptr, e.data_ptr<T>(), mean_e.data_ptr<T>(),
-              sign.data_ptr<T>(), {}, T(1) / T(std::max<int64_t>(1, g.N * g.HW()))};
-    for (auto& t : s) p.s.push_back(t.data_ptr<T>());
+    Args<T> p = in.args<T>(g);
+    p.x = x.data_ptr<T>();
+    p.b = bias.defined() ? bias.data_ptr<T>() : nullptr;
     if (is_depthwise(g)) {
       auto wt = g.channels_last ? weight.reshape({C, KK}).t().contiguous() : weight.contiguous();
       p.w = wt.data_ptr<T>();
@@ -196,6 +219,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> candidate_cpu(
   auto gc = all.narrow(0, ix.casc(0), D * C).to(opt.dtype()).reshape({D, C}).clone();
   // the parameter gradients are contiguous whatever the layout of x (the op's fake says so)
   return {stats, gw.contiguous(), gb, gc};
+}
+
+// candidate_epilogue: the pass after the conv, on a pre-activation z the caller computed (a
+// candidate's conv and BatchNorm). Returns (the float64 sums (6 + D, Cout): v, e, v e, e e,
+// v v, dL/dz, dL/dz s_j; dL/dz in the layout of z).
+std::tuple<at::Tensor, at::Tensor> epilogue_cpu(
+    const at::Tensor& z, const std::optional<at::Tensor>& cascade_,
+    const std::optional<at::Tensor>& s_, const at::Tensor& e_, const at::Tensor& mean_e_,
+    const at::Tensor& sign_) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  TORCH_CHECK(z.dim() == 4, "pbp_fast: z must be 4-D");
+  Geom g{};
+  g.N = z.size(0); g.Cout = z.size(1); g.Ho = z.size(2); g.Wo = z.size(3);
+  g.channels_last = is_channels_last(z);
+  const auto fmt = format_of(g.channels_last);
+  const CandInputs in(cascade_, s_, e_, mean_e_, sign_, fmt);
+  auto ga = z.clone(fmt);  // overwritten with dL/dz
+  std::vector<double> acc;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "candidate_epilogue", [&] {
+    acc = candidate_epilogue<scalar_t>(g, ga.data_ptr<scalar_t>(), in.args<scalar_t>(g));
+  });
+  auto sums = at::from_blob(acc.data(), {kStats + 1 + in.D, g.Cout}, at::kDouble).clone();
+  return {sums, ga};
 }
 
 }  // namespace
@@ -273,6 +319,7 @@ at::Tensor update_cpu(at::Tensor& mean, at::Tensor& count, at::Tensor& batches,
 
 TORCH_LIBRARY_IMPL(pbp_fast, CPU, m) {
   m.impl("candidate_pass", &candidate_cpu);
+  m.impl("candidate_epilogue", &epilogue_cpu);
   m.impl("candidate_objective", &objective_cpu);
   m.impl("candidate_update", &update_cpu);
 }

@@ -52,7 +52,7 @@ class Candidate(nn.Module):
     With ``bn`` a BatchNorm sits between the conv and the sigmoid, as in a copy of a conv+BN
     unit: parameters ``bn_weight``/``bn_bias`` (Cout,) and running statistics
     ``bn_mean``/``bn_var`` (snapshotted with the rest).  It trains on batch statistics
-    (``reference.candidate_pass_bn``); :meth:`best` folds its frozen running statistics into
+    (``ops.candidate_pass_bn``); :meth:`best` folds its frozen running statistics into
     the conv, so the adopted dendrite is a plain conv on every path."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, cascade: torch.Tensor,
@@ -115,10 +115,13 @@ class Candidate(nn.Module):
 
     @torch.no_grad()
     def pass_(self, x, s, e, conv_kw: dict, *, backend="auto", world_size: int = 1):
-        """The candidate pass on one batch: ``(stats, n, (grad_weight, grad_bias,
-        grad_cascade))`` for the unit input ``x``, the trained dendrites' activations ``s`` (or
-        None) and the error ``e``.  With ``world_size`` w ranks whose objective is the mean of
-        theirs (DDP), the unit's error is e / w: the sums and gradients are those of e / w."""
+        """The candidate pass on one batch: ``(stats, n, grads, moments)`` for the unit input
+        ``x``, the trained dendrites' activations ``s`` (or None) and the error ``e``: the
+        batch's sums, its positions, the gradients of (weight, bias, cascade[, bn_weight,
+        bn_bias]) and, with ``bn``, the conv output's per-channel moments (3, Cout) (mean,
+        biased variance, squared mean) that :meth:`follow` folds into the running statistics
+        (else None).  With ``world_size`` w ranks whose objective is the mean of theirs (DDP),
+        the unit's error is e / w: the sums and gradients are those of e / w."""
         dt = x.dtype
         mean_e, sign = ops.candidate_objective(self.stats, dt, backend=backend)
         if world_size > 1:
@@ -128,23 +131,36 @@ class Candidate(nn.Module):
         fmt = torch.channels_last if ops.is_channels_last(x) else torch.contiguous_format
         e = e.to(dt).contiguous(memory_format=fmt)
         d = self.cascade.shape[0]
+        n = e.numel() // e.shape[1]
         args = (x, _as(self.weight, dt), _as(self.bias, dt),
                 _as(self.cascade, dt) if d else None, s if d else None, e, mean_e, sign)
+        moments = None
         if self.bn:
-            if world_size > 1:
-                raise NotImplementedError("a candidate with a BatchNorm (PBConfig.candidate_bn) "
-                                          "under torch.distributed: its statistics would "
-                                          "differ between ranks")
-            stats, *grads, mean, var = reference.candidate_pass_bn(
-                *args, _as(self.bn_weight, dt), _as(self.bn_bias, dt), BN_EPS, **conv_kw)
-            self.bn_mean.lerp_(mean.to(self.bn_mean.dtype), BN_MOMENTUM)
-            self.bn_var.lerp_(var.to(self.bn_var.dtype), BN_MOMENTUM)
-            return stats, e.numel() // e.shape[1], tuple(grads)
-        stats, gw, gb, gc = ops.candidate_pass(*args, **conv_kw, backend=backend)
+            stats, *grads, mean, var = ops.candidate_pass_bn(
+                *args, _as(self.bn_weight, dt), _as(self.bn_bias, dt), BN_EPS, **conv_kw,
+                backend=backend)
+            mean = mean.to(stats.dtype)
+            moments = torch.stack([mean, var.to(stats.dtype) * ((n - 1) / n), mean * mean])
+        else:
+            stats, *grads = ops.candidate_pass(*args, **conv_kw, backend=backend)
         if world_size > 1:  # rows (v, e, v e, e e, v v) of the sums, for the error e / w
             stats[1:3] /= world_size
             stats[3] /= world_size ** 2
-        return stats, e.numel() // e.shape[1], (gw, gb, gc)
+        return stats, n, tuple(grads), moments
+
+    @torch.no_grad()
+    def follow(self, moments, n) -> None:
+        """Move the BatchNorm's running statistics towards a batch's ``moments`` (3, Cout):
+        the mean over its positions of each rank's (mean, biased variance, squared mean) of the
+        conv output, weighted by the rank's positions (one rank: its own), over ``n`` positions
+        in all.  The batch's variance is the ranks' mean variance plus the variance of their
+        means; the running variance follows its unbiased value, as nn.BatchNorm2d's does."""
+        mean, var, sq = moments
+        var = var + (sq - mean * mean).clamp_min(0)
+        n = torch.as_tensor(n, dtype=torch.float64)
+        var = var * (n / (n - 1).clamp_min(1)).to(var.dtype)
+        self.bn_mean.lerp_(mean.to(self.bn_mean.dtype), BN_MOMENTUM)
+        self.bn_var.lerp_(var.to(self.bn_var.dtype), BN_MOMENTUM)
 
     @torch.no_grad()
     def update(self, stats, n, *, warmup_batches=reference.WARMUP_BATCHES,

@@ -196,12 +196,15 @@ class DendriticUnit(nn.Module):
             raise RuntimeError("candidate_correlation: this unit has no candidate")
         return self.candidate.correlation(self.pearson_score)
 
-    def update_candidate(self, stats, n, grads=None) -> None:
+    def update_candidate(self, stats, n, grads=None, moments=None) -> None:
         """Fold one batch's candidate-pass sums ``stats`` over ``n`` positions into the
-        candidate's statistics (with this unit's settings) and, with ``grads``, accumulate its
+        candidate's statistics (with this unit's settings), its BatchNorm's ``moments`` into
+        the running statistics (``Candidate.follow``) and, with ``grads``, accumulate its
         gradients (what :class:`pbp_fast.distributed.CandidateSync` applies on every rank)."""
         if grads is not None:
             self.candidate.accumulate_grad(grads)
+        if moments is not None:
+            self.candidate.follow(moments, n)
         self.candidate.update(stats, n, warmup_batches=self.warmup_batches,
                               momentum=self.stats_momentum, threshold=self.snapshot_threshold,
                               pearson=self.pearson_score, backend=self.backend)
@@ -221,23 +224,22 @@ class DendriticUnit(nn.Module):
             z, s = self._dendrite_output(x, z, save_s=True)
         dt = z.dtype
         cand = self.candidate
+        bn = (_as(cand.bn_weight, dt), _as(cand.bn_bias, dt)) if cand.bn else ()
         return _CandidateTap.apply(self, z, x.detach(), _as(cand.weight, dt), _as(cand.bias, dt),
-                                   _as(cand.cascade, dt), s)
+                                   _as(cand.cascade, dt), s, *bn)
 
     @torch.no_grad()
     def _candidate_step(self, x, s, e):
         """The candidate pass for one batch's error e = dL/dy.  Returns the candidate's
         gradients, or None when ``candidate_sync`` applies them once the backward pass ends."""
         sync = self.candidate_sync
-        stats, n, grads = self.candidate.pass_(
+        stats, n, grads, moments = self.candidate.pass_(
             x, s, e, self._conv_kw, backend=self.backend,
             world_size=1 if sync is None else sync.world_size)
         if sync is None:
-            self.update_candidate(stats, n)
-            if len(grads) > 3:  # the BatchNorm's, which the tap does not carry
-                self.candidate.accumulate_grad((None, None, None, *grads[3:]))
-            return grads[:3]
-        sync.add(self, stats, n, grads)
+            self.update_candidate(stats, n, moments=moments)
+            return grads
+        sync.add(self, stats, n, grads, moments)
         return None
 
     # -- forward -------------------------------------------------------------------------------
@@ -361,8 +363,9 @@ class _CandidateTap(torch.autograd.Function):
     are mutated in the backward graph."""
 
     @staticmethod
-    def forward(ctx, unit, z, x, weight, bias, cascade, s=None):
-        """``s``: the trained dendrites' activations when they were already added to z."""
+    def forward(ctx, unit, z, x, weight, bias, cascade, s=None, bn_weight=None, bn_bias=None):
+        """``s``: the trained dendrites' activations when they were already added to z;
+        ``bn_weight``, ``bn_bias``: the candidate's BatchNorm (``candidate_bn``)."""
         if s is not None or not unit.num_dendrites:
             y = z.clone()
         else:
@@ -376,6 +379,7 @@ class _CandidateTap(torch.autograd.Function):
         x, s = ctx.saved_tensors
         grads = ctx.unit._candidate_step(x, s, e)
         if grads is None:  # candidate_sync applies them when the backward pass ends
-            return None, e, None, None, None, None, None
-        gw, gb, gc = grads
-        return None, e, None, gw, gb, gc if s is not None else None, None
+            return None, e, None, None, None, None, None, None, None
+        gw, gb, gc, *g_bn = grads
+        return (None, e, None, gw, gb, gc if s is not None else None, None,
+                *(g_bn or (None, None)))

@@ -69,7 +69,10 @@ class CandidateSync:
     """The candidates of one wrapped model, kept identical across the ranks of ``group``.
 
     Each unit's backward calls :meth:`add` with its batch sums (5, C), its number of
-    positions n and its candidate gradients; the first call of a backward pass queues
+    positions n, its candidate gradients and, for a candidate with a BatchNorm, its conv
+    output's moments (each rank normalises with its own batch's statistics, as
+    nn.BatchNorm2d under DDP does; the running statistics follow the whole batch's, the same
+    on every rank); the first call of a backward pass queues
     :meth:`_reduce` to run when that pass ends.  There one all-reduce sums, per unit, the sums,
     n and n x gradients over the ranks (a unit that did not run on a rank adds zeros), and every
     unit applies the whole batch's update.  No host synchronisation."""
@@ -99,14 +102,17 @@ class CandidateSync:
                                "(a phase change, a restore or a checkpoint load): call "
                                "wrap(model) again on every rank and rebuild the optimizer")
 
-    def add(self, unit: unit_mod.DendriticUnit, stats: torch.Tensor, n: int, grads) -> None:
+    def add(self, unit: unit_mod.DendriticUnit, stats: torch.Tensor, n: int, grads,
+            moments=None) -> None:
         task = torch._C._current_graph_task_id()
         if task != self._task:  # the first unit of this backward pass
             self._pending, self._task = {}, task
             Variable._execution_engine.queue_callback(self._reduce)
         flat = torch.cat([stats.reshape(-1), stats.new_full((1,), n)]
-                         + [g.reshape(-1).float() for g in grads])
-        flat[stats.numel() + 1:] *= n  # sum_r n_r g_r / sum_r n_r: the whole batch's gradient
+                         + [g.reshape(-1).float() for g in grads]
+                         + ([] if moments is None else [moments.reshape(-1).float()]))
+        # sum_r n_r g_r / sum_r n_r: the whole batch's gradient (and BatchNorm moments)
+        flat[stats.numel() + 1:] *= n
         prev = self._pending.get(unit)  # a unit called twice in one forward: one batch of both
         self._pending[unit] = flat if prev is None else prev + flat
 
@@ -115,12 +121,13 @@ class CandidateSync:
         pending, self._pending, self._task = self._pending, {}, None
         like = next(iter(pending.values()))
         sizes = [[u.candidate.stats.numel(), 1] + [p.numel() for p in u.candidate_parameters()]
-                 for u in self.units]
+                 + ([3 * u.out_channels] if u.candidate.bn else []) for u in self.units]
         flat = torch.cat([pending[u] if u in pending else like.new_zeros(sum(s))
                           for u, s in zip(self.units, sizes)])
         dist.all_reduce(flat, group=self.group)
         for u, s, chunk in zip(self.units, sizes, flat.split([sum(s) for s in sizes])):
             stats, n, *grads = chunk.split(s)
             n = n[0]
+            moments = grads.pop().view(3, -1) / n.clamp_min(1) if u.candidate.bn else None
             u.update_candidate(stats.view_as(u.candidate.stats), n,
-                               [g / n.clamp_min(1) for g in grads])
+                               [g / n.clamp_min(1) for g in grads], moments)

@@ -23,12 +23,13 @@ from pbp_fast.ops import dendritic_conv2d as _dendritic_conv2d
 from pbp_fast.ops import reference
 from pbp_fast.ops.backend import (HAVE_C, backends, triton_available, triton_interpreted,
                                   triton_ops)
-from pbp_fast.ops.candidate import candidate_objective, candidate_pass, candidate_update
+from pbp_fast.ops.candidate import (candidate_objective, candidate_pass, candidate_pass_bn,
+                                     candidate_update)
 from pbp_fast.ops.dendritic_conv2d import (BWD_INPUTS, dendritic_conv2d,
                                            dendritic_conv2d_with_s)
 from pbp_fast.ops.layout import conv_out_hw, conv_out_size, is_channels_last
 
-__all__ = ["dendritic_conv2d", "dendritic_conv2d_with_s", "candidate_pass",
+__all__ = ["dendritic_conv2d", "dendritic_conv2d_with_s", "candidate_pass", "candidate_pass_bn",
            "candidate_objective", "candidate_update", "backends", "reference", "HAVE_C",
            "BWD_INPUTS", "triton_available", "triton_interpreted", "triton_ops",
            "is_channels_last", "conv_out_size", "conv_out_hw", "register"]

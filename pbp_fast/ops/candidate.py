@@ -4,6 +4,9 @@ bookkeeping (docs/design.md, "The dendrite phase").
     candidate_pass       v = sigmoid(conv(x~; W_c, b_c) + sum_j kappa_c[j] s_j); the batch's
                          per-channel sums of (v, e, v e, e e, v v) and the gradients of
                          L_c = -sum sign(C_c) (e - mean_e_c) v / n
+    candidate_pass_bn    the same for a candidate with a BatchNorm after its conv (the fused
+                         backends: the normalisation and its backward here, around the
+                         fused epilogue, op candidate_epilogue)
     candidate_objective  (mean_e, sign C) from the running means
     candidate_update     fold a batch's sums into the running means; raise the best score
 
@@ -17,19 +20,14 @@ import torch
 
 from pbp_fast.ops import checks, reference
 from pbp_fast.ops.backend import fused, pick_backend, state_backend
-from pbp_fast.ops.layout import conv_out_shape, empty_like_layout
+from pbp_fast.ops.layout import conv_out_shape, empty_like_layout, is_channels_last
 
 
-def candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, *, stride=1, padding=0,
-                   dilation=1, groups=1, backend="auto"):
-    """One batch of a candidate's correlation training.
-
-    From the unit input ``x``, the candidate's ``weight``/``bias``, its ``cascade`` (D, Cout)
-    weights on the unit's trained dendrite activations ``s`` (D, N, Cout, Ho, Wo), the unit's error
-    ``e`` = dL/dy, the running ``mean_e`` (Cout,) and ``sign`` = sign(C) (Cout,), returns
-    ``(stats, grad_weight, grad_bias, grad_cascade)``: stats (5, Cout) float32 rows
-    (sum v, sum e, sum v*e, sum e*e, sum v*v) and the gradients of
-    L_c = -sum sign (e - mean_e) v / n."""
+def _check_pass(x, weight, bias, cascade, s, e, mean_e, sign, stride, padding, dilation,
+                groups, bn=()):
+    """The checks of :func:`candidate_pass` (and of ``bn``: (bn_weight, bn_bias, eps)).
+    Returns (the conv's [stride, padding, dilation, groups], cascade, s), an empty cascade as
+    None."""
     checks.input_x(x)
     checks.tensor(weight, "weight", 4)
     c_out = weight.shape[0]
@@ -49,15 +47,75 @@ def candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, *, stride=1, pa
         checks.shape(s, "s", (cascade.shape[0],) + y_shape)
         if cascade.shape[0] == 0:
             cascade = s = None
-    for name, t in (("mean_e", mean_e), ("sign", sign)):
+    per_channel = [("mean_e", mean_e), ("sign", sign)]
+    if bn:
+        per_channel += [("bn_weight", bn[0]), ("bn_bias", bn[1])]
+        if isinstance(bn[2], bool) or not isinstance(bn[2], (int, float)):
+            raise TypeError(f"eps must be a number, got {type(bn[2]).__name__}")
+        if not bn[2] > 0:
+            raise ValueError(f"eps must be positive, got {bn[2]!r}")
+    for name, t in per_channel:
         checks.tensor(t, name, 1)
         checks.shape(t, name, (c_out,))
     checks.same_kind(x, (("weight", weight), ("bias", bias), ("cascade", cascade), ("s", s),
-                         ("e", e), ("mean_e", mean_e), ("sign", sign)))
+                         ("e", e), *per_channel))
+    return conv, cascade, s
+
+
+def candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, *, stride=1, padding=0,
+                   dilation=1, groups=1, backend="auto"):
+    """One batch of a candidate's correlation training.
+
+    From the unit input ``x``, the candidate's ``weight``/``bias``, its ``cascade`` (D, Cout)
+    weights on the unit's trained dendrite activations ``s`` (D, N, Cout, Ho, Wo), the unit's error
+    ``e`` = dL/dy, the running ``mean_e`` (Cout,) and ``sign`` = sign(C) (Cout,), returns
+    ``(stats, grad_weight, grad_bias, grad_cascade)``: stats (5, Cout) float32 rows
+    (sum v, sum e, sum v*e, sum e*e, sum v*v) and the gradients of
+    L_c = -sum sign (e - mean_e) v / n."""
+    conv, cascade, s = _check_pass(x, weight, bias, cascade, s, e, mean_e, sign, stride,
+                                   padding, dilation, groups)
     backend = pick_backend(backend, x)
     if backend == "reference" or x.shape[0] == 0:
         return reference.candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, *conv)
     return fused("candidate_pass", backend)(x, weight, bias, cascade, s, e, mean_e, sign, *conv)
+
+
+def candidate_pass_bn(x, weight, bias, cascade, s, e, mean_e, sign, bn_weight, bn_bias, eps, *,
+                      stride=1, padding=0, dilation=1, groups=1, backend="auto"):
+    """:func:`candidate_pass` for a candidate with a BatchNorm (``bn_weight`` gamma,
+    ``bn_bias`` beta, ``eps``) between its conv and its sigmoid, trained on the batch's
+    statistics (``reference.candidate_pass_bn``).  Returns ``(stats, grad_weight, grad_bias,
+    grad_cascade, grad_bn_weight, grad_bn_bias, mean, var)``: the last two the batch's mean and
+    unbiased variance of the conv output per channel (what the running statistics average).
+
+    The fused backends normalise the conv's output a0 here (z = gamma * xhat + beta, xhat =
+    (a0 - mean) / sqrt(var + eps)), run the fused epilogue on z (``candidate_epilogue``: v, the
+    sums and g = dL/dz in one pass) and take the BatchNorm's backward in closed form,
+    dL/da0 = gamma / sqrt(var + eps) * (g - mean(g) - xhat * mean(g * xhat)), then the conv's
+    weight gradient."""
+    bn = (bn_weight, bn_bias, eps)
+    conv, cascade, s = _check_pass(x, weight, bias, cascade, s, e, mean_e, sign, stride,
+                                   padding, dilation, groups, bn)
+    backend = pick_backend(backend, x)
+    if backend == "reference" or x.shape[0] == 0:
+        return reference.candidate_pass_bn(x, weight, bias, cascade, s, e, mean_e, sign, *bn,
+                                           *conv)
+    a0 = torch.nn.functional.conv2d(x, weight, bias, *conv)
+    dims, n = (0, 2, 3), a0.numel() // a0.shape[1]
+    var, mean = torch.var_mean(a0, dims, correction=0)
+    rstd = torch.rsqrt(var + eps)
+    scale = bn_weight * rstd
+    xhat = (a0 - mean.view(-1, 1, 1)) * rstd.view(-1, 1, 1)
+    z = xhat * bn_weight.view(-1, 1, 1) + bn_bias.view(-1, 1, 1)
+    sums, g = fused("candidate_epilogue", backend)(z, cascade, s, e, mean_e, sign)
+    g_beta, g_gamma = sums[5], (g * xhat).sum(dims, dtype=torch.float64)
+    g_a0 = scale.view(-1, 1, 1) * (g - (g_beta / n).to(g.dtype).view(-1, 1, 1)
+                                   - xhat * (g_gamma / n).to(g.dtype).view(-1, 1, 1))
+    gw = torch.ops.aten.convolution_backward(g_a0, x, weight, None, *conv[:3], False, [0, 0],
+                                             conv[3], [False, True, False])[1]
+    dt = weight.dtype
+    return (sums[:5].float(), gw.contiguous(), g_a0.sum(dims).to(dt), sums[6:].to(dt),
+            g_gamma.to(dt), g_beta.to(dt), mean, var * (n / max(n - 1, 1)))
 
 
 def candidate_objective(mean, dtype, *, backend="auto"):
@@ -121,6 +179,12 @@ def _fake_pass(x, weight, bias, cascade, s, e, mean_e, sign, stride, padding, di
             weight.new_empty((d, c)))
 
 
+def _fake_epilogue(z, cascade, s, e, mean_e, sign):
+    d = 0 if cascade is None else cascade.shape[0]
+    return (z.new_empty((6 + d, z.shape[1]), dtype=torch.float64),
+            empty_like_layout(z.shape, z, is_channels_last(z)))
+
+
 def _fake_objective(mean, dtype):
     c = mean.shape[1]
     return mean.new_empty(c, dtype=dtype), mean.new_empty(c, dtype=dtype)
@@ -134,6 +198,7 @@ def _fake_update(mean, count, batches, best_score, sums, n, warmup_batches, mome
 def register(prefix: str) -> None:
     """Register the fake implementations of ``pbp_fast::{prefix}candidate_*`` (the C++ ops;
     ops made by ``triton_op`` have theirs already)."""
-    for name, fake in (("candidate_pass", _fake_pass), ("candidate_objective", _fake_objective),
+    for name, fake in (("candidate_pass", _fake_pass), ("candidate_epilogue", _fake_epilogue),
+                       ("candidate_objective", _fake_objective),
                        ("candidate_update", _fake_update)):
         torch.library.register_fake(f"pbp_fast::{prefix}{name}", fake)
