@@ -148,7 +148,7 @@ def assert_bn_pass_matches_reference(args, conv, backend, tol, device="cpu"):
 @pytest.mark.parametrize("seed", range(16))
 def test_candidate_pass_bn_matches_reference(seed):
     """The fused candidate pass of a candidate with a BatchNorm (normalisation, fused epilogue,
-    the BatchNorm's backward in closed form) against autograd through F.batch_norm."""
+    the BatchNorm's backward) against autograd through F.batch_norm."""
     for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
         assert_bn_pass_matches_reference(*candidate_bn_case(seed, dtype), "cpp", tol)
 

@@ -139,8 +139,8 @@ def test_candidate_pass_matches_reference(seed):
 
 @pytest.mark.parametrize("seed", [0, 3, 7])
 def test_candidate_pass_bn_matches_reference(seed):
-    """A candidate with a BatchNorm: the Triton epilogue between the normalisation and its
-    closed-form backward, against autograd through F.batch_norm."""
+    """A candidate with a BatchNorm: the Triton epilogue between ATen's BatchNorm forward and
+    backward, against autograd through F.batch_norm."""
     for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
         assert_bn_pass_matches_reference(*candidate_bn_case(seed, dtype), "triton", tol, DEV)
 

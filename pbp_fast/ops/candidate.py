@@ -5,8 +5,8 @@ bookkeeping (docs/design.md, "The dendrite phase").
                          per-channel sums of (v, e, v e, e e, v v) and the gradients of
                          L_c = -sum sign(C_c) (e - mean_e_c) v / n
     candidate_pass_bn    the same for a candidate with a BatchNorm after its conv (the fused
-                         backends: the normalisation and its backward here, around the
-                         fused epilogue, op candidate_epilogue)
+                         backends: ATen's BatchNorm and its backward around the fused
+                         epilogue, op candidate_epilogue)
     candidate_objective  (mean_e, sign C) from the running means
     candidate_update     fold a batch's sums into the running means; raise the best score
 
@@ -88,11 +88,11 @@ def candidate_pass_bn(x, weight, bias, cascade, s, e, mean_e, sign, bn_weight, b
     grad_cascade, grad_bn_weight, grad_bn_bias, mean, var)``: the last two the batch's mean and
     unbiased variance of the conv output per channel (what the running statistics average).
 
-    The fused backends normalise the conv's output a0 here (z = gamma * xhat + beta, xhat =
-    (a0 - mean) / sqrt(var + eps)), run the fused epilogue on z (``candidate_epilogue``: v, the
-    sums and g = dL/dz in one pass) and take the BatchNorm's backward in closed form,
-    dL/da0 = gamma / sqrt(var + eps) * (g - mean(g) - xhat * mean(g * xhat)), then the conv's
-    weight gradient."""
+    The fused backends normalise the conv's output a0 with ATen's BatchNorm kernel (z = gamma *
+    xhat + beta, xhat = (a0 - mean) / sqrt(var + eps)), run the fused epilogue on z
+    (``candidate_epilogue``: v, the sums and g = dL/dz in one pass), then the BatchNorm's
+    backward kernel, dL/da0 = gamma / sqrt(var + eps) * (g - mean(g) - xhat * mean(g * xhat)),
+    and the conv's weight gradient."""
     bn = (bn_weight, bn_bias, eps)
     conv, cascade, s = _check_pass(x, weight, bias, cascade, s, e, mean_e, sign, stride,
                                    padding, dilation, groups, bn)
@@ -101,21 +101,17 @@ def candidate_pass_bn(x, weight, bias, cascade, s, e, mean_e, sign, bn_weight, b
         return reference.candidate_pass_bn(x, weight, bias, cascade, s, e, mean_e, sign, *bn,
                                            *conv)
     a0 = torch.nn.functional.conv2d(x, weight, bias, *conv)
-    dims, n = (0, 2, 3), a0.numel() // a0.shape[1]
-    var, mean = torch.var_mean(a0, dims, correction=0)
-    rstd = torch.rsqrt(var + eps)
-    scale = bn_weight * rstd
-    xhat = (a0 - mean.view(-1, 1, 1)) * rstd.view(-1, 1, 1)
-    z = xhat * bn_weight.view(-1, 1, 1) + bn_bias.view(-1, 1, 1)
+    n = a0.numel() // a0.shape[1]
+    z, mean, invstd = torch.native_batch_norm(a0, bn_weight, bn_bias, None, None, True, 0.0, eps)
     sums, g = fused("candidate_epilogue", backend)(z, cascade, s, e, mean_e, sign)
-    g_beta, g_gamma = sums[5], (g * xhat).sum(dims, dtype=torch.float64)
-    g_a0 = scale.view(-1, 1, 1) * (g - (g_beta / n).to(g.dtype).view(-1, 1, 1)
-                                   - xhat * (g_gamma / n).to(g.dtype).view(-1, 1, 1))
-    gw = torch.ops.aten.convolution_backward(g_a0, x, weight, None, *conv[:3], False, [0, 0],
-                                             conv[3], [False, True, False])[1]
-    dt = weight.dtype
-    return (sums[:5].float(), gw.contiguous(), g_a0.sum(dims).to(dt), sums[6:].to(dt),
-            g_gamma.to(dt), g_beta.to(dt), mean, var * (n / max(n - 1, 1)))
+    g_a0, g_gamma, g_beta = torch.ops.aten.native_batch_norm_backward(
+        g, a0, bn_weight, None, None, mean, invstd, True, eps, [True, True, True])
+    _, gw, gb = torch.ops.aten.convolution_backward(
+        g_a0, x, weight, [weight.shape[0]], *conv[:3], False, [0, 0], conv[3],
+        [False, True, True])
+    var = (invstd.double().pow(-2) - eps) * (n / max(n - 1, 1))
+    return (sums[:5].float(), gw.contiguous(), gb, sums[6:].to(weight.dtype), g_gamma, g_beta,
+            mean, var.to(mean.dtype))
 
 
 def candidate_objective(mean, dtype, *, backend="auto"):
