@@ -118,6 +118,21 @@ def test_correlation_is_normalised_covariance_or_pearson():
     torch.testing.assert_close(R.correlation(scaled), 10 * R.correlation(mean))
 
 
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pointwise_candidate_on_1x1_maps(dtype):
+    """A 1x1 candidate on 1x1 maps (a Linear unit): the GEMM over the batch's rows, whose
+    (N, C, 1, 1) tensors are both NCHW- and channels_last-contiguous."""
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+    x, w, e = rnd(9, 12, 1, 1), rnd(7, 12, 1, 1) * 0.5, rnd(9, 7, 1, 1)
+    s = torch.rand(2, 9, 7, 1, 1, generator=g, dtype=dtype)
+    args = (x, w, rnd(7), rnd(2, 7), s, e, rnd(7) * 0.1, torch.sign(rnd(7)))
+    assert_cpp_matches_reference(args, {}, 1e-5 if dtype == torch.float32 else 1e-10)
+
+
 def candidate_bn_case(seed, dtype):
     """A candidate_case with a BatchNorm: gamma around 1, beta around 0, eps."""
     args, conv = candidate_case(seed, dtype)

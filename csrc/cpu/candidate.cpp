@@ -7,7 +7,8 @@
 //   dL/da = -sign_c (e - mean_e_c) / n * v (1 - v)    -> grad b_c, grad kappa_j, grad W_c
 //
 // Depthwise candidates run a direct kernel (conv, epilogue and weight gradient per output row
-// of a plane, or per output pixel in NHWC); others use an ATen conv for a and for grad W.
+// of a plane, or per output pixel in NHWC); 1x1 candidates GEMMs for a and for grad W (common.h);
+// others an ATen conv for a and for grad W.
 // candidate_epilogue is the epilogue alone, on a pre-activation the caller computed (a
 // candidate with a BatchNorm: pbp_fast/ops/candidate.py normalises the conv's output).
 #include "common.h"
@@ -202,6 +203,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> candidate_cpu(
       auto t = at::from_blob(acc.data() + off, {C * KK}, at::kDouble).to(opt.dtype()).clone();
       gw = (g.channels_last ? t.reshape({KK, C}).t() : t.reshape({C, KK}))
                .reshape(weight.sizes()).contiguous();
+    } else if (is_pointwise(g)) {  // GEMMs (no oneDNN primitive per call for small shapes)
+      auto a = pw_conv(g, x, weight, bias).contiguous(fmt);
+      acc = candidate_epilogue<T>(g, a.data_ptr<T>(), p);
+      gw = pw_grad_weight(g, a, x).view(weight.sizes());
     } else {
       auto a = at::convolution(x, weight, bias.defined() ? std::optional<at::Tensor>(bias)
                                                          : std::nullopt,

@@ -49,6 +49,52 @@ inline Geom make_geom(const at::Tensor& x, const at::Tensor& d_weight, at::IntAr
   return g;
 }
 
+// ---------------------------------------------------------------- 1x1 convs as GEMMs
+// A 1x1 conv with stride 1, no padding and groups 1: a GEMM per sample in NCHW (batched), one
+// over all pixel rows in NHWC or when Ho * Wo == 1 (a Linear), where both layouts are the
+// (pixels, channels) matrix.
+inline bool is_pointwise(const Geom& g) {
+  return g.KH == 1 && g.KW == 1 && g.SH == 1 && g.SW == 1 && g.PH == 0 && g.PW == 0 &&
+         g.groups == 1;
+}
+
+inline bool pw_rows(const Geom& g) { return g.channels_last || g.HW() == 1; }
+
+// (pixels, C) rows of an (N, C, Ho, Wo) tensor when pw_rows(g).
+inline at::Tensor pw_matrix(const Geom& g, const at::Tensor& t) {
+  return t.permute({0, 2, 3, 1}).reshape({g.N * g.HW(), t.size(1)});
+}
+
+// y = conv(x; weight, bias) (bias may be undefined), in the layout of x.
+inline at::Tensor pw_conv(const Geom& g, const at::Tensor& x, const at::Tensor& weight,
+                          const at::Tensor& bias) {
+  const auto w2 = weight.reshape({g.Cout, g.Cin});
+  if (!pw_rows(g)) {
+    auto y = at::matmul(w2, x.reshape({g.N, g.Cin, g.HW()}));
+    if (bias.defined()) y.add_(bias.view({1, -1, 1}));
+    return y.view({g.N, g.Cout, g.Ho, g.Wo});
+  }
+  const auto xm = pw_matrix(g, x);
+  return (bias.defined() ? at::addmm(bias, xm, w2.t()) : xm.mm(w2.t()))
+      .view({g.N, g.Ho, g.Wo, g.Cout}).permute({0, 3, 1, 2});
+}
+
+// dL/dx from dL/dy.
+inline at::Tensor pw_grad_input(const Geom& g, const at::Tensor& gy, const at::Tensor& weight) {
+  const auto w2 = weight.reshape({g.Cout, g.Cin});
+  if (!pw_rows(g))
+    return at::matmul(w2.t(), gy.reshape({g.N, g.Cout, g.HW()})).view({g.N, g.Cin, g.H, g.W});
+  return pw_matrix(g, gy).mm(w2).view({g.N, g.H, g.W, g.Cin}).permute({0, 3, 1, 2});
+}
+
+// sum over pixels of gy (N, M, Ho, Wo) x x^T: (M, Cin).
+inline at::Tensor pw_grad_weight(const Geom& g, const at::Tensor& gy, const at::Tensor& x) {
+  if (!pw_rows(g))
+    return at::bmm(gy.reshape({g.N, gy.size(1), g.HW()}),
+                   x.reshape({g.N, g.Cin, g.HW()}).transpose(1, 2)).sum(0);
+  return pw_matrix(g, gy).t().mm(pw_matrix(g, x));
+}
+
 inline bool is_depthwise(const Geom& g) { return g.groups == g.Cin && g.Cout == g.Cin; }
 
 // The stacked (D, N, C, Ho, Wo) activations with every slice in the layout of y.

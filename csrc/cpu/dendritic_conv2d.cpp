@@ -118,10 +118,6 @@ std::vector<at::Tensor> member_weights(const at::Tensor& weight, const at::Tenso
 // 1x1 convs (stride 1, no padding, groups 1): one GEMM for all members per tile into a
 // cache-sized buffer (per sample in NCHW; per 256 pixels in NHWC or when Ho*Wo == 1, e.g. a
 // Linear), then the epilogue from that buffer: the stacked conv output never reaches memory.
-inline bool is_pointwise(const Geom& g) {
-  return g.KH == 1 && g.KW == 1 && g.SH == 1 && g.SW == 1 && g.PH == 0 && g.PW == 0 &&
-         g.groups == 1;
-}
 
 template <typename T>
 void pw_fwd(const Geom& g, const at::Tensor& x, const at::Tensor& w_all, const at::Tensor& b_all,
@@ -309,25 +305,6 @@ at::Tensor from_acc(const std::vector<double>& acc, int64_t off, at::IntArrayRef
   for (auto v : shape) n *= v;
   auto t = at::from_blob(const_cast<double*>(acc.data()) + off, {n}, at::kDouble);
   return t.to(opt.dtype()).reshape(shape).clone();
-}
-
-// Pointwise backward as GEMMs: per sample in NCHW (batched), over all pixel rows in NHWC.
-at::Tensor pw_grad_input(const Geom& g, const at::Tensor& gy, const at::Tensor& weight) {
-  const auto w2 = weight.reshape({g.Cout, g.Cin});
-  if (!g.channels_last)
-    return at::matmul(w2.t(), gy.reshape({g.N, g.Cout, g.HW()})).view({g.N, g.Cin, g.H, g.W});
-  return gy.permute({0, 2, 3, 1}).reshape({g.N * g.HW(), g.Cout}).mm(w2)
-      .view({g.N, g.H, g.W, g.Cin}).permute({0, 3, 1, 2});
-}
-
-// sum over pixels of gy (N, M, Ho, Wo) x x^T: (M, Cin).
-at::Tensor pw_grad_weight(const Geom& g, const at::Tensor& gy, const at::Tensor& x) {
-  const int64_t M = gy.size(1);
-  if (!g.channels_last)
-    return at::bmm(gy.reshape({g.N, M, g.HW()}), x.reshape({g.N, g.Cin, g.HW()}).transpose(1, 2))
-        .sum(0);
-  return gy.permute({0, 2, 3, 1}).reshape({g.N * g.HW(), M}).t()
-      .mm(x.permute({0, 2, 3, 1}).reshape({g.N * g.HW(), g.Cin}));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
