@@ -18,8 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pbp_fast import ops
 from pbp_fast.ops import reference
+from pbp_fast.ops.backend import pick_backend, state_backend
+from pbp_fast.ops.candidate import run_objective, run_pass, run_pass_bn, run_update
+from pbp_fast.ops.layout import is_channels_last
 
 __all__ = ["Candidate"]
 
@@ -123,26 +125,28 @@ class Candidate(nn.Module):
         (else None).  With ``world_size`` w ranks whose objective is the mean of theirs (DDP),
         the unit's error is e / w: the sums and gradients are those of e / w."""
         dt = x.dtype
-        mean_e, sign = ops.candidate_objective(self.stats, dt, backend=backend)
+        state = state_backend(backend, self.stats)
+        mean_e, sign = run_objective(self.stats, dt, state)
         if world_size > 1:
             # Rather than scale e, scale what the pass combines it with:
             # sign * (e / w - mean_e) = (sign / w) * (e - w * mean_e).
             sign, mean_e = sign / world_size, mean_e * world_size
-        fmt = torch.channels_last if ops.is_channels_last(x) else torch.contiguous_format
+        fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
         e = e.to(dt).contiguous(memory_format=fmt)
         d = self.cascade.shape[0]
         n = e.numel() // e.shape[1]
         args = (x, _as(self.weight, dt), _as(self.bias, dt),
                 _as(self.cascade, dt) if d else None, s if d else None, e, mean_e, sign)
+        conv = [conv_kw["stride"], conv_kw["padding"], conv_kw["dilation"], conv_kw["groups"]]
+        backend = pick_backend(backend, x)
         moments = None
         if self.bn:
-            stats, *grads, mean, var = ops.candidate_pass_bn(
-                *args, _as(self.bn_weight, dt), _as(self.bn_bias, dt), BN_EPS, **conv_kw,
-                backend=backend)
+            stats, *grads, mean, var = run_pass_bn(
+                *args, _as(self.bn_weight, dt), _as(self.bn_bias, dt), BN_EPS, conv, backend)
             mean = mean.to(stats.dtype)
             moments = torch.stack([mean, var.to(stats.dtype) * ((n - 1) / n), mean * mean])
         else:
-            stats, *grads = ops.candidate_pass(*args, **conv_kw, backend=backend)
+            stats, *grads = run_pass(*args, conv, backend)
         if world_size > 1:  # rows (v, e, v e, e e, v v) of the sums, for the error e / w
             stats[1:3] /= world_size
             stats[3] /= world_size ** 2
@@ -168,11 +172,13 @@ class Candidate(nn.Module):
                pearson=False, backend="auto") -> None:
         """Fold one batch's sums ``stats`` over ``n`` positions (an int or a 0-dim tensor) into
         the running statistics and take a snapshot where the score improved: two fused ops
-        (``ops.candidate_update``, then the snapshot), no host synchronisation."""
-        better = ops.candidate_update(self.stats, self.count, self.batches, self.best_score,
-                                      stats, n, warmup_batches=warmup_batches,
-                                      momentum=momentum, threshold=threshold, pearson=pearson,
-                                      backend=backend)
+        (``ops.candidate_update``, then the snapshot), no host synchronisation.  The
+        candidate's own state needs no checks: it calls the ops' ``run_*`` below them."""
+        if not isinstance(n, torch.Tensor):
+            n = self.stats.new_full((), float(n))
+        better = run_update(self.stats, self.count, self.batches, self.best_score, stats, n,
+                            warmup_batches, momentum, threshold, pearson,
+                            state_backend(backend, self.stats))
         for name in self._names:
             best = getattr(self, "best_" + name)
             self._where(name, better, getattr(self, name), best, out=best)

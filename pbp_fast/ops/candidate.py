@@ -74,7 +74,13 @@ def candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, *, stride=1, pa
     L_c = -sum sign (e - mean_e) v / n."""
     conv, cascade, s = _check_pass(x, weight, bias, cascade, s, e, mean_e, sign, stride,
                                    padding, dilation, groups)
-    backend = pick_backend(backend, x)
+    return run_pass(x, weight, bias, cascade, s, e, mean_e, sign, conv, pick_backend(backend, x))
+
+
+def run_pass(x, weight, bias, cascade, s, e, mean_e, sign, conv, backend):
+    """:func:`candidate_pass` on checked arguments (``conv``: [stride, padding, dilation]
+    as pairs and groups; no empty cascade; a named backend): what a Candidate calls for its
+    own, well-formed tensors."""
     if backend == "reference" or x.shape[0] == 0:
         return reference.candidate_pass(x, weight, bias, cascade, s, e, mean_e, sign, *conv)
     return fused("candidate_pass", backend)(x, weight, bias, cascade, s, e, mean_e, sign, *conv)
@@ -96,7 +102,14 @@ def candidate_pass_bn(x, weight, bias, cascade, s, e, mean_e, sign, bn_weight, b
     bn = (bn_weight, bn_bias, eps)
     conv, cascade, s = _check_pass(x, weight, bias, cascade, s, e, mean_e, sign, stride,
                                    padding, dilation, groups, bn)
-    backend = pick_backend(backend, x)
+    return run_pass_bn(x, weight, bias, cascade, s, e, mean_e, sign, bn_weight, bn_bias, eps,
+                       conv, pick_backend(backend, x))
+
+
+def run_pass_bn(x, weight, bias, cascade, s, e, mean_e, sign, bn_weight, bn_bias, eps, conv,
+                backend):
+    """:func:`candidate_pass_bn` on checked arguments (as :func:`run_pass`)."""
+    bn = (bn_weight, bn_bias, eps)
     if backend == "reference" or x.shape[0] == 0:
         return reference.candidate_pass_bn(x, weight, bias, cascade, s, e, mean_e, sign, *bn,
                                            *conv)
@@ -120,7 +133,11 @@ def candidate_objective(mean, dtype, *, backend="auto"):
     checks.state(mean, "mean", (5, None))
     if dtype not in checks.FLOATS:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
-    backend = state_backend(backend, mean)
+    return run_objective(mean, dtype, state_backend(backend, mean))
+
+
+def run_objective(mean, dtype, backend):
+    """:func:`candidate_objective` on checked arguments and a named backend."""
     if backend == "reference":
         return reference.candidate_objective(mean, dtype)
     return fused("candidate_objective", backend)(mean, dtype)
@@ -153,7 +170,14 @@ def candidate_update(mean, count, batches, best_score, sums, n, *,
                     ("sums", sums), ("n", n)):
         if t.device != mean.device:
             raise ValueError(f"{name} is on {t.device} but mean is on {mean.device}")
-    backend = state_backend(backend, mean)
+    return run_update(mean, count, batches, best_score, sums, n, warmup_batches, momentum,
+                      threshold, pearson, state_backend(backend, mean))
+
+
+def run_update(mean, count, batches, best_score, sums, n, warmup_batches, momentum, threshold,
+               pearson, backend):
+    """:func:`candidate_update` on checked arguments (``n`` a 0-dim tensor on the state's
+    device) and a named backend."""
     if backend == "reference":
         *new, better = reference.candidate_update(mean, count, batches, best_score, sums, n,
                                                   warmup_batches, momentum, threshold,
