@@ -283,8 +283,9 @@ def test_alpha_zero_adds_exact_zeros():
 @pytest.mark.parametrize("stride,dilation,k", [(1, 1, 3), (2, 1, 3), (1, 2, 5), (2, 1, 1)])
 def test_depthwise_nhwc_pixel_blocks_and_channel_tails(stride, dilation, k, dtype):
     """Wide rows (interior pixel blocks and single border pixels) and 45 channels (blocks of two
-    vectors, of one vector and single channels: 32 + 8 + 5 in float32, 40 + 4 + 1 in float64)
-    of the channels_last depthwise kernel."""
+    vectors, of one vector and single channels: 32 + 8 + 5 in float32, 40 + 4 + 1 in float64;
+    3 x 3 at stride 1, the kernel-row path, one vector at a time) of the channels_last
+    depthwise kernel."""
     g = torch.Generator().manual_seed(k)
     c = 45
 

@@ -104,7 +104,8 @@ std::vector<double> dw_candidate(const Geom& g, const Args<T>& p) {
             run = 0;
           }
           run += P;
-          const DwTaps<T> tp{p.x, p.w, xoff.data(), woff.data(), nt, g.SW * C};
+          const DwTaps<T> tp{p.x, p.w, xoff.data(), woff.data(), nt, g.SW * C,
+                              dw_row3(g)};
           dw_pixels<P>(tp, p.b, C, a.data());
           for (int64_t q = 0; q < P; ++q) {
             const int64_t o = (n * HW + oh * g.Wo + ow + q) * C;

@@ -383,7 +383,12 @@ struct DwTaps {
   const int64_t* xoff;
   const int64_t* woff;
   int64_t nt, step;
+  bool row3;  // dw_row3: in a block of pixels, the taps come in rows of three neighbours
 };
+
+// Stride 1, three kernel columns, no dilation: the taps of a block's kernel row read P + 2
+// neighbouring input pixels, which dw_channels_row3 loads once for its 3 x P products.
+inline bool dw_row3(const Geom& g) { return g.KW == 3 && g.SW == 1 && g.DW == 1; }
 
 // out[p * C + c] = bias[c] + sum_t w[woff[t] + c] * x[xoff[t] + p * step + c] for channels
 // c0 .. c0 + NV * W - 1 (W lanes a vector), with P x NV vector accumulators in registers.
@@ -407,6 +412,26 @@ PBP_INLINE void dw_channels(const DwTaps<T>& tp, const T* bias, int64_t C, int64
     for (int64_t v = 0; v < NV; ++v) S::store(out + p * C + c0 + v * S::W, reg[p][v]);
 }
 
+// dw_channels for one vector of channels when tp.row3 (every kernel row whole, taps in row
+// order): per kernel row, the P + 2 input vectors once, 3 x P multiply-adds (instead of 3 x P
+// loads).  P accumulators, P + 2 inputs and 3 weights stay within 16 vector registers.
+template <int64_t P, typename T>
+PBP_INLINE void dw_channels_row3(const DwTaps<T>& tp, const T* bias, int64_t C, int64_t c0,
+                                 T* out) {
+  using S = Simd<T>;
+  typename S::V reg[P], xr[P + 2];
+  const auto b0 = bias ? S::load(bias + c0) : typename S::V{};
+  for (int64_t p = 0; p < P; ++p) reg[p] = b0;
+  for (int64_t t = 0; t < tp.nt; t += 3) {
+    const T* xv = tp.x + tp.xoff[t] + c0;
+    const T* wv = tp.w + tp.woff[t] + c0;
+    const auto w0 = S::load(wv), w1 = S::load(wv + C), w2 = S::load(wv + 2 * C);
+    for (int64_t q = 0; q < P + 2; ++q) xr[q] = S::load(xv + q * C);
+    for (int64_t p = 0; p < P; ++p) reg[p] += w0 * xr[p] + w1 * xr[p + 1] + w2 * xr[p + 2];
+  }
+  for (int64_t p = 0; p < P; ++p) S::store(out + p * C + c0, reg[p]);
+}
+
 // The same for the channels left over (fewer than one vector): scalar accumulators.
 template <int64_t P, typename T>
 PBP_INLINE void dw_channel(const DwTaps<T>& tp, const T* bias, int64_t C, int64_t c, T* out) {
@@ -423,6 +448,8 @@ template <int64_t P, typename T>
 PBP_INLINE void dw_pixels(const DwTaps<T>& tp, const T* bias, int64_t C, T* out) {
   constexpr int64_t W = Simd<T>::W;
   int64_t c0 = 0;
+  if (P > 1 && tp.row3)
+    for (; c0 + W <= C; c0 += W) dw_channels_row3<P>(tp, bias, C, c0, out);
   for (; c0 + 2 * W <= C; c0 += 2 * W) dw_channels<P, 2>(tp, bias, C, c0, out);
   for (; c0 + W <= C; c0 += W) dw_channels<P, 1>(tp, bias, C, c0, out);
   for (; c0 < C; ++c0) dw_channel<P>(tp, bias, C, c0, out);

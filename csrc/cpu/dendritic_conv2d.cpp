@@ -48,7 +48,8 @@ void dw_fwd(const Geom& g, const T* x, const std::vector<const T*>& w,
       for_pixel_blocks(g, n, oh, xoff.data(), woff.data(), [&](int64_t ow, auto Pc, int64_t nt) {
         constexpr int64_t P = decltype(Pc)::value;
         for (int64_t m = 0; m < M; ++m) {
-          const DwTaps<T> tp{x, w[m], xoff.data(), woff.data(), nt, g.SW * C};
+          const DwTaps<T> tp{x, w[m], xoff.data(), woff.data(), nt, g.SW * C,
+                              dw_row3(g)};
           dw_pixels<P>(tp, b[m], C, acc.data() + m * P * C);
         }
         for (int64_t p = 0; p < P; ++p) {
