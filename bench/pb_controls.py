@@ -108,6 +108,9 @@ ABLATIONS = {
     "pb-warmup-10": ("--pb-warmup-batches", "10"),             # 10 batches before snapshots
     "pb-unit-snapshot": ("--pb-snapshot", "unit"),             # the best candidate as a whole
     "pb-newest-alpha": ("--no-pb-train-old-alphas",),          # only the newest alpha trains
+    # dendrite phases four times as long (cpu16 10 -> 40 epochs, gpu32 20 -> 40): every cpu16
+    # phase so far ran to its cap with the candidates' score still rising
+    "pb-long-dendrite": ("--pb-p-epochs", "40"),
 }
 # An ablation whose stages differ from PB's (a retried set adds one) trains longer than the pb
 # arm's restarts control does: "restarts/<ablation>" replays that ablation's own stages

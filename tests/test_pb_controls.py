@@ -45,7 +45,7 @@ def test_each_ablation_changes_one_option_of_pb(setup):
             "pb-lr-search": "pb_lr_search", "pb-default-init": "pb_candidate_scale",
             "pb-candidate-bn": "pb_candidate_bn", "pb-pearson": "pb_score",
             "pb-warmup-10": "pb_warmup_batches", "pb-unit-snapshot": "pb_snapshot",
-            "pb-newest-alpha": "pb_train_old_alphas"}
+            "pb-newest-alpha": "pb_train_old_alphas", "pb-long-dendrite": "pb_p_epochs"}
     assert set(want) == set(controls.ABLATIONS)
     pb = _config(setup, "pb")
     for arm, field in want.items():
