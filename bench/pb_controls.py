@@ -294,6 +294,24 @@ def plot(records: list[dict], setup: str, folder: Path) -> list[Path]:
     return [curves, params]
 
 
+def against_replays(records: list[dict], setup: str) -> str:
+    """Each ablation against its own restarts replay, paired by seed: what its dendrites add
+    over the same stages without them."""
+    mine = [r for r in records if r["setup"] == setup]
+    lines = []
+    for a in ABLATIONS:
+        runs = [r for r in mine if r["arm"] == a]
+        replay = [r for r in mine if r["arm"] == f"restarts/{a}"]
+        if runs and replay:
+            seeds = sorted({r["seed"] for r in runs} & {r["seed"] for r in replay})
+            lines.append(f"- `{a}` - `restarts/{a}`, paired over seeds "
+                         f"{' '.join(map(str, seeds))}: {paired(runs, replay)} points")
+    if not lines:
+        return ""
+    return "\n".join([f"{setup}, each ablation against the restarts control on its own stages "
+                      "(what its dendrites add):", "", *lines, ""])
+
+
 def dendrite_phases(scores: list) -> list[list]:
     """A run's ``candidate_scores`` ([epoch, summed score] per dendrite-phase epoch) split into
     its dendrite phases."""
@@ -341,6 +359,7 @@ def render(records: list[dict]) -> str:
             parts += [f"{setup}, the fidelity ablations (PB with one option changed; "
                       "restarts/<arm>: the restarts control on that arm's stages):", "",
                       table(records, setup, arms, ref="pb"), ""]
+            parts += [c for c in [against_replays(records, setup)] if c]
         parts += [c for c in [correlations(records, setup)] if c]
     return "\n".join(parts) or "No run recorded yet."
 

@@ -150,6 +150,9 @@ def test_every_arm_runs_records_and_reports(tmp_path, monkeypatch):
     assert sorted(r["arm"] for r in records) == sorted(
         [*controls.ARMS, "pb-pearson", "restarts/pb-pearson"])
     assert "| restarts/pb-pearson | 0 |" in controls.render(records)
+    gain = recs["pb-pearson"]["test_acc"] - replay["test_acc"]
+    assert f"`pb-pearson` - `restarts/pb-pearson`, paired over seeds 0: {gain:+.2f} points" \
+        in controls.render(records)
     assert "how far the candidates got" in controls.render(records)
     records = [r for r in records if r["arm"] in controls.ARMS]
     text = controls.table(records, "tiny")
