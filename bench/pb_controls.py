@@ -36,6 +36,7 @@ import argparse
 import csv
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -202,7 +203,8 @@ def run_arm(setup: str, arm: str, seed: int, data: str, out: Path, results: Path
              for r in result.history]
     rec = {"setup": setup, "arm": arm, "seed": seed, "width": width,
            "device": device_name(cfg.device), "concurrent_runs": concurrent,
-           "date": time.strftime("%Y-%m-%d"), "command": shlex.join(["pbp-fast", "train", *args]),
+           "date": time.strftime("%Y-%m-%d"), "commit": code_commit(),
+           "command": shlex.join(["pbp-fast", "train", *args]),
            "seconds": sum(r["seconds"] for r in result.history), "curve": curve,
            "candidate_scores": candidate_scores(run_dir / "pb_history.csv"),
            "channels": unit_channels(SETUPS[setup].model, width),
@@ -217,12 +219,31 @@ def run_arm(setup: str, arm: str, seed: int, data: str, out: Path, results: Path
 
 # ---------------------------------------------------------------------------------- report
 
+def build(rec: dict) -> str | None:
+    """The code a run ran on (``commit``: the git commit of the package, with "+" when its
+    tree had changes); None for runs recorded before builds were."""
+    return rec.get("commit")
+
+
+def code_commit() -> str:
+    """This checkout's commit, "+" when its tree differs from it (unknown outside git)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                              check=False).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def paired(runs: list[dict], ref: list[dict]) -> str:
-    """mean ± sd over the seeds both have of (run's test accuracy - ref's)."""
-    theirs = {r["seed"]: r["test_acc"] for r in ref}
-    d = [r["test_acc"] - theirs[r["seed"]] for r in runs if r["seed"] in theirs]
+    """mean ± sd over the seeds both have of (run's test accuracy - ref's), pairing only runs
+    of the same build: the same seed on other code is another random trajectory (a change
+    that moves the random stream moves every epoch)."""
+    theirs = {(r["seed"], build(r)): r["test_acc"] for r in ref}
+    d = [r["test_acc"] - theirs[r["seed"], build(r)] for r in runs
+         if (r["seed"], build(r)) in theirs]
     if not d:
-        return "—"
+        return "— (other build)" if any(r["seed"] in {q["seed"] for q in ref} for r in runs) \
+            else "—"
     return f"{statistics.fmean(d):+.2f}" + (f" ± {statistics.stdev(d):.2f}" if len(d) > 1 else "")
 
 
@@ -241,7 +262,9 @@ def table(records: list[dict], setup: str, arms=ARMS, ref: str = "baseline-es") 
             lines.append(f"| {arm} | not yet run | | | | | | |")
             continue
         st = Stats(runs)
-        rel = f"{(100 - st.mean('test_acc') - e0) / e0:+.1%}" if e0 else "—"
+        same = {build(r) for r in runs} <= {build(r) for r in base}
+        rel = (f"{(100 - st.mean('test_acc') - e0) / e0:+.1%}" if same else "— (other build)") \
+            if e0 else "—"
         vs_pb = "—" if arm == "pb" else paired(runs, pb)
         lines.append(
             f"| {arm} | {' '.join(map(str, st.seeds))} | {st.acc('test_acc')} | {rel} | "

@@ -70,6 +70,13 @@ def test_the_report_pairs_each_arm_with_pb_seed_by_seed():
     assert "fidelity ablations" in body
     ablation = [line for line in body.splitlines() if line.startswith("| pb-pearson ")][0]
     assert ablation.split(" | ")[4] == "-1.00"             # seed 0 only: seed 2 has no pb
+    # runs of another build are not paired (nor set against the other build's mean)
+    other = [{**r, "commit": "abc1234"} for r in records if r["arm"] == "pb-pearson"]
+    row = controls.table(records[:-2] + other, "cpu16", {"pb": (), "pb-pearson": ()},
+                         ref="pb").splitlines()[-1].split(" | ")
+    assert row[3] == "— (other build)" and row[4] == "— (other build)"
+    assert controls.paired(other, [{**r, "commit": "abc1234"} for r in records
+                                   if r["arm"] == "pb"]) == "-1.00"
 
 
 @pytest.mark.parametrize("setup", list(controls.SETUPS))
