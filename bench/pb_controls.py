@@ -236,8 +236,8 @@ def code_commit() -> str:
 
 def paired(runs: list[dict], ref: list[dict]) -> str:
     """mean ± sd over the seeds both have of (run's test accuracy - ref's), pairing only runs
-    of the same build: the same seed on other code is another random trajectory (a change
-    that moves the random stream moves every epoch)."""
+    of the same build: the same seed on other code, or on another machine, is another
+    trajectory from its first epoch (runs recorded without a commit count as one build)."""
     theirs = {(r["seed"], build(r)): r["test_acc"] for r in ref}
     d = [r["test_acc"] - theirs[r["seed"], build(r)] for r in runs
          if (r["seed"], build(r)) in theirs]
