@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
+import platform
 import shlex
 import statistics
 import subprocess
@@ -44,6 +46,8 @@ from pathlib import Path
 
 from cifar_table import (Stats, default_data, device_name, load_records, prepare_data,
                          replace_between, run_processes, save_record)
+
+import torch
 
 from pbp_fast import cli
 from pbp_fast.core import History, convert
@@ -152,8 +156,9 @@ DEPENDENT = ("restarts", "untrained", "matched")  # arms that need the pb run of
 
 
 def _record(results: Path, setup: str, arm: str, seed: int) -> dict | None:
+    """The record of ``arm``'s run of ``seed`` on this machine."""
     return next((r for r in load_records(results) if (r["setup"], r["arm"], r["seed"]) ==
-                 (setup, arm, seed)), None)
+                 (setup, arm, seed) and machine(r) == machine_name()), None)
 
 
 def source_arm(arm: str) -> str | None:
@@ -203,14 +208,15 @@ def run_arm(setup: str, arm: str, seed: int, data: str, out: Path, results: Path
              for r in result.history]
     rec = {"setup": setup, "arm": arm, "seed": seed, "width": width,
            "device": device_name(cfg.device), "concurrent_runs": concurrent,
-           "date": time.strftime("%Y-%m-%d"), "commit": code_commit(),
+           "machine": machine_name(), "date": time.strftime("%Y-%m-%d"),
+           "commit": code_commit(),
            "command": shlex.join(["pbp-fast", "train", *args]),
            "seconds": sum(r["seconds"] for r in result.history), "curve": curve,
            "candidate_scores": candidate_scores(run_dir / "pb_history.csv"),
            "channels": unit_channels(SETUPS[setup].model, width),
            **{k: getattr(result, k) for k in ("test_acc", "val_acc", "params", "params_dendrites",
                                               "num_dendrites", "best_epoch", "epochs")}}
-    save_record(results, rec, key=("setup", "arm", "seed"),
+    save_record(results, rec, key=("setup", "arm", "seed", "machine"),
                 order=lambda r: (r["setup"], list(ALL_ARMS).index(r["arm"]), r["seed"]))
     log(f"   test {rec['test_acc']:.2f} %, val {rec['val_acc']:.2f} %, {rec['params']:,} "
         f"parameters, {rec['epochs']} epochs, {rec['seconds'] / 60:.0f} min -> {results}")
@@ -219,10 +225,30 @@ def run_arm(setup: str, arm: str, seed: int, data: str, out: Path, results: Path
 
 # ---------------------------------------------------------------------------------- report
 
-def build(rec: dict) -> str | None:
-    """The code a run ran on (``commit``: the git commit of the package, with "+" when its
-    tree had changes); None for runs recorded before builds were."""
-    return rec.get("commit")
+EARLIER = "an earlier machine (not recorded)"
+
+
+def machine_name() -> str:
+    """The machine a run trains on: its CPU (or GPU) and torch's version. One seed follows
+    one trajectory per machine: on another, floating-point paths differ from the first epoch."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in
+                   Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return f"{gpu or cpu} ({os.cpu_count()} CPUs), torch {torch.__version__}"
+
+
+def machine(rec: dict) -> str:
+    return rec.get("machine", EARLIER)
+
+
+def lineage(rec: dict) -> tuple:
+    """What two runs share when they are paired: the seed, the machine and the first epoch's
+    validation accuracy (so the same first stage: the arms differ only from its end)."""
+    return rec["seed"], machine(rec), rec["curve"][0][2] if rec.get("curve") else None
 
 
 def code_commit() -> str:
@@ -236,13 +262,12 @@ def code_commit() -> str:
 
 def paired(runs: list[dict], ref: list[dict]) -> str:
     """mean ± sd over the seeds both have of (run's test accuracy - ref's), pairing only runs
-    of the same build: the same seed on other code, or on another machine, is another
-    trajectory from its first epoch (runs recorded without a commit count as one build)."""
-    theirs = {(r["seed"], build(r)): r["test_acc"] for r in ref}
-    d = [r["test_acc"] - theirs[r["seed"], build(r)] for r in runs
-         if (r["seed"], build(r)) in theirs]
+    of one :func:`lineage`: the same seed on another machine is another trajectory from its
+    first epoch."""
+    theirs = {lineage(r): r["test_acc"] for r in ref}
+    d = [r["test_acc"] - theirs[lineage(r)] for r in runs if lineage(r) in theirs]
     if not d:
-        return "— (other build)" if any(r["seed"] in {q["seed"] for q in ref} for r in runs) \
+        return "— (other start)" if any(r["seed"] in {q["seed"] for q in ref} for r in runs) \
             else "—"
     return f"{statistics.fmean(d):+.2f}" + (f" ± {statistics.stdev(d):.2f}" if len(d) > 1 else "")
 
@@ -262,9 +287,7 @@ def table(records: list[dict], setup: str, arms=ARMS, ref: str = "baseline-es") 
             lines.append(f"| {arm} | not yet run | | | | | | |")
             continue
         st = Stats(runs)
-        same = {build(r) for r in runs} <= {build(r) for r in base}
-        rel = (f"{(100 - st.mean('test_acc') - e0) / e0:+.1%}" if same else "— (other build)") \
-            if e0 else "—"
+        rel = f"{(100 - st.mean('test_acc') - e0) / e0:+.1%}" if e0 else "—"
         vs_pb = "—" if arm == "pb" else paired(runs, pb)
         lines.append(
             f"| {arm} | {' '.join(map(str, st.seeds))} | {st.acc('test_acc')} | {rel} | "
@@ -369,21 +392,25 @@ def correlations(records: list[dict], setup: str) -> str:
 
 
 def render(records: list[dict]) -> str:
+    """The report: per setup and machine (a seed's trajectory is the machine's), PB and its
+    controls, the ablations, and how far the candidates got."""
     parts = []
     for setup, s in SETUPS.items():
-        if not any(r["setup"] == setup for r in records):
-            continue
-        parts += [f"**{setup}**: {s.about}.", "", table(records, setup), ""]
-        if any(r["setup"] == setup and r["arm"] in ABLATIONS for r in records):
-            ran = {r["arm"] for r in records if r["setup"] == setup}
-            arms = {"pb": ()}
-            for a in ABLATIONS:  # each with its own restarts replay, where one has run
-                arms.update({a: (), **({f"restarts/{a}": ()} if f"restarts/{a}" in ran else {})})
-            parts += [f"{setup}, the fidelity ablations (PB with one option changed; "
-                      "restarts/<arm>: the restarts control on that arm's stages):", "",
-                      table(records, setup, arms, ref="pb"), ""]
-            parts += [c for c in [against_replays(records, setup)] if c]
-        parts += [c for c in [correlations(records, setup)] if c]
+        machines = list(dict.fromkeys(machine(r) for r in records if r["setup"] == setup))
+        for m in sorted(machines, key=lambda m: m == EARLIER):  # the earlier machine last
+            mine = [r for r in records if r["setup"] == setup and machine(r) == m]
+            parts += [f"**{setup}** on {m}: {s.about}.", "", table(mine, setup), ""]
+            if any(r["arm"] in ABLATIONS for r in mine):
+                ran = {r["arm"] for r in mine}
+                arms = {"pb": ()}
+                for a in ABLATIONS:  # each with its own restarts replay, where one has run
+                    arms.update({a: (), **({f"restarts/{a}": ()} if f"restarts/{a}" in ran
+                                           else {})})
+                parts += [f"{setup} on {m}, the fidelity ablations (PB with one option "
+                          "changed; restarts/<arm>: the restarts control on that arm's "
+                          "stages):", "", table(mine, setup, arms, ref="pb"), ""]
+                parts += [c for c in [against_replays(mine, setup)] if c]
+            parts += [c for c in [correlations(mine, setup)] if c]
     return "\n".join(parts) or "No run recorded yet."
 
 
@@ -420,7 +447,11 @@ def main(argv=None) -> int:
         for path in (README, DOC):
             replace_between(path, BEGIN, END, body)
         for setup in SETUPS:
-            for f in plot(records, setup, FIGURES):
+            # the figures show the machine with the most runs of PB and its controls
+            runs = [r for r in records if r["setup"] == setup and r["arm"] in ARMS]
+            shown = max(sorted({machine(r) for r in runs}, key=lambda m: m != EARLIER),
+                        key=lambda m: sum(machine(r) == m for r in runs), default=None)
+            for f in plot([r for r in records if machine(r) == shown], setup, FIGURES):
                 print(f"wrote {f}")
         print(body)
         return 0

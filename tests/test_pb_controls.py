@@ -70,13 +70,20 @@ def test_the_report_pairs_each_arm_with_pb_seed_by_seed():
     assert "fidelity ablations" in body
     ablation = [line for line in body.splitlines() if line.startswith("| pb-pearson ")][0]
     assert ablation.split(" | ")[4] == "-1.00"             # seed 0 only: seed 2 has no pb
-    # runs of another build are not paired (nor set against the other build's mean)
-    other = [{**r, "commit": "abc1234"} for r in records if r["arm"] == "pb-pearson"]
-    row = controls.table(records[:-2] + other, "cpu16", {"pb": (), "pb-pearson": ()},
-                         ref="pb").splitlines()[-1].split(" | ")
-    assert row[3] == "— (other build)" and row[4] == "— (other build)"
-    assert controls.paired(other, [{**r, "commit": "abc1234"} for r in records
-                                   if r["arm"] == "pb"]) == "-1.00"
+    # runs of another machine, or with another first epoch, are not paired
+    for change in ({"machine": "another"}, {"curve": [[1, "n", 12.5, ""]]}):
+        other = [{**r, **change} for r in records if r["arm"] == "pb-pearson"]
+        row = controls.table(records[:-2] + other, "cpu16", {"pb": (), "pb-pearson": ()},
+                             ref="pb").splitlines()[-1].split(" | ")
+        assert row[4] == "— (other start)"
+        assert controls.paired(other, [{**r, **change} for r in records
+                                       if r["arm"] == "pb"]) == "-1.00"
+    # the report has a table per machine, the earlier (unrecorded) one last
+    here = [{**r, "machine": controls.machine_name()} for r in records]
+    body = controls.render(records + here).splitlines()
+    heads = [line for line in body if line.startswith("**cpu16** on ")]
+    assert heads[0].startswith(f"**cpu16** on {controls.machine_name()}")
+    assert heads[1].startswith(f"**cpu16** on {controls.EARLIER}") and len(heads) == 2
 
 
 @pytest.mark.parametrize("setup", list(controls.SETUPS))
