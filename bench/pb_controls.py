@@ -245,10 +245,14 @@ def machine(rec: dict) -> str:
     return rec.get("machine", EARLIER)
 
 
-def lineage(rec: dict) -> tuple:
-    """What two runs share when they are paired: the seed, the machine and the first epoch's
-    validation accuracy (so the same first stage: the arms differ only from its end)."""
-    return rec["seed"], machine(rec), rec["curve"][0][2] if rec.get("curve") else None
+def same_start(a: dict, b: dict) -> bool:
+    """Whether two runs can be paired: the same seed on the same machine, and, for networks
+    of one width, the same first epoch (so the same first stage: the arms differ only from
+    its end; a code change that moved the trajectory shows here)."""
+    def first(r):
+        return r["curve"][0][2] if r.get("curve") else None
+    return (a["seed"], machine(a)) == (b["seed"], machine(b)) and \
+        (a.get("width") != b.get("width") or first(a) == first(b))
 
 
 def code_commit() -> str:
@@ -262,10 +266,9 @@ def code_commit() -> str:
 
 def paired(runs: list[dict], ref: list[dict]) -> str:
     """mean ± sd over the seeds both have of (run's test accuracy - ref's), pairing only runs
-    of one :func:`lineage`: the same seed on another machine is another trajectory from its
-    first epoch."""
-    theirs = {lineage(r): r["test_acc"] for r in ref}
-    d = [r["test_acc"] - theirs[lineage(r)] for r in runs if lineage(r) in theirs]
+    with the :func:`same_start`: the same seed on another machine is another trajectory from
+    its first epoch."""
+    d = [r["test_acc"] - q["test_acc"] for r in runs for q in ref if same_start(r, q)]
     if not d:
         return "— (other start)" if any(r["seed"] in {q["seed"] for q in ref} for r in runs) \
             else "—"

@@ -78,6 +78,10 @@ def test_the_report_pairs_each_arm_with_pb_seed_by_seed():
         assert row[4] == "— (other start)"
         assert controls.paired(other, [{**r, **change} for r in records
                                        if r["arm"] == "pb"]) == "-1.00"
+    # a wider network (matched) starts elsewhere by construction: paired by seed and machine
+    wider = [{**r, "width": 1.5, "curve": [[1, "n", 12.5, ""]]} for r in records
+             if r["arm"] == "pb-pearson"]
+    assert controls.paired(wider, [r for r in records if r["arm"] == "pb"]) == "-1.00"
     # the report has a table per machine, the earlier (unrecorded) one last
     here = [{**r, "machine": controls.machine_name()} for r in records]
     body = controls.render(records + here).splitlines()
