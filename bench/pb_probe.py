@@ -1,12 +1,14 @@
 """How much of each unit's error could a dendrite of the unit's shape explain?
 
 A candidate dendrite is scored by its correlation with the unit's error e = dL/dy, channel by
-channel.  This probe measures what is there to find, at the model a dendrite phase starts from
-(a run's ``best.pt``: the restored best model).  It runs the model as a dendrite phase does
-(BatchNorm on batch statistics, its running statistics held; no augmentation) and collects,
-for every unit and output channel, e and the input patch x that a candidate of the unit's shape
-sees.  Three ridge regressions of e on features of x are fitted on training images, and their
-correlation with e is measured on the validation split:
+channel.  This probe measures what there is to find, at the model a dendrite phase trains its
+candidates on (a run's ``best.pt`` after its first stage, e.g. baseline-es's: the model PB
+restores before its first dendrite phase; or a ``last.pt`` taken during a dendrite phase).  It
+runs the model as a dendrite phase does (BatchNorm on batch statistics, its running statistics
+held; no augmentation; random images in random batches) and collects, for every unit and output
+channel, e and the input patch x that a candidate of the unit's shape sees.  Two ridge
+regressions of e on features of x are fitted on training images, and their correlation with e
+is measured on the validation split:
 
     linear     x itself: what any linear function of the patch reaches (a candidate whose
                sigmoid stays in its linear range)
@@ -19,11 +21,11 @@ with the linear fit's |r| on the training images it was fitted to beside them, a
 checkpoint taken during a dendrite phase, the |r| of the snapshot each unit's candidate would
 be adopted as (units without dendrites).
 
-Why the linear column is small: at a neuron stage's optimum the gradient of the loss with
-respect to the unit's weights, sum_p (dL/dz_p) x_p^T, is zero, so the error left at the unit is
-uncorrelated with every linear function of its input (up to the BatchNorm's normalisation,
-which adds the direction of the unit's own output).  What a candidate can still find is in the
-sigmoid's curvature.
+Why there is little to find: at a neuron stage's optimum the gradient of the loss with respect
+to the unit's weights, sum_p (dL/dz_p) x_p^T, is zero, so the error left at the unit is
+uncorrelated with every linear function of its input (up to the BatchNorm's normalisation, and
+the difference between the augmented images it trained on and these).  A candidate can add
+only what its sigmoid's curvature finds.
 
     python bench/pb_probe.py runs/pb_controls/cpu16/baseline-es/seed0   # a run folder or .pt
     python bench/pb_probe.py --report      # the table into docs/pb_controls.md
@@ -43,11 +45,13 @@ import torch.nn.functional as F
 
 from cifar_table import replace_between
 
-from pbp_fast.core import DendriticUnit
+from pbp_fast.core import DendriticUnit, PBConfig
 from pbp_fast.recipe.checkpoint import load_checkpoint
 from pbp_fast.recipe.config import TrainConfig
 from pbp_fast.recipe.data import BatchLoader
-from pbp_fast.recipe.trainer import build_criterion, load_data
+from pbp_fast.recipe.engine import train_one_epoch
+from pbp_fast.recipe.optim import build_optimizer, build_scheduler
+from pbp_fast.recipe.trainer import build_criterion, build_train_loader, load_data
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "pb_probe.json"
@@ -166,27 +170,59 @@ class UnitProbe:
         return out
 
 
+def train_candidates(model, units, cfg: TrainConfig, splits, epochs: int, lr: float,
+                     seed: int) -> None:
+    """A dendrite phase of ``epochs`` epochs on the frozen ``model``: a fresh candidate per
+    unit (PBConfig's defaults: N(0, 1) x 0.01, 100 warm-up batches, per-channel snapshots)
+    trained by AdamW at peak rate ``lr`` on the run's augmented batches, with the run's
+    warmup-and-cosine schedule over the phase, as the trainer's dendrite phases are."""
+    pb = PBConfig()
+    torch.manual_seed(seed)
+    for u in units.values():
+        u.candidate_scale, u.per_channel_snapshots = pb.candidate_scale, pb.snapshot == "channel"
+        u.warmup_batches, u.stats_momentum = pb.warmup_batches, pb.stats_momentum
+        u.snapshot_threshold = pb.snapshot_threshold
+        u.start_candidate()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for u in units.values() for p in u.candidate_parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    loader = build_train_loader(replace(cfg, seed=seed), splits.train)
+    optimizer = build_optimizer(params, cfg, lr, "adamw")
+    scheduler = build_scheduler(optimizer, cfg, len(loader), epochs)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        train_one_epoch(model, loader, optimizer, scheduler, build_criterion(cfg))
+    for p in model.parameters():  # the probe's own pass needs the error at every unit
+        p.requires_grad_(True)
+
+
 def probe(path: Path, data: str | None = None, fit_images: int = 5000, features: int = 256,
-          seed: int = 0, log=print) -> dict:
+          seed: int = 0, train_epochs: int = 0, train_lr: float = 0.01, log=print) -> dict:
     """Probe the checkpoint ``path``; returns its record (per unit: the channels' |r| of each
-    fit, and their mean)."""
+    fit, and their mean).  ``train_epochs`` > 0: first train fresh candidates on the model
+    for that many epochs at peak rate ``train_lr`` (:func:`train_candidates`), and measure
+    them."""
     model, config = load_checkpoint(path)
     known = {k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__}
     cfg = replace(TrainConfig(**known), **({"data": data} if data else {}))
     splits = load_data(cfg)
     criterion = build_criterion(cfg)
     units = {name: m for name, m in model.named_modules() if isinstance(m, DendriticUnit)}
-    gen = torch.Generator().manual_seed(seed)
-    probes = {name: UnitProbe(u, features, gen) for name, u in units.items()}
-    for u in units.values():  # the model a dendrite phase trains its candidates on
-        if u.has_candidate:
-            u.drop_candidate()
     model.train()
     for m in model.modules():        # batch statistics, running statistics held
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.momentum = 0.0
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if train_epochs:
+        train_candidates(model, units, cfg, splits, train_epochs, train_lr, seed)
+    gen = torch.Generator().manual_seed(seed)
+    probes = {name: UnitProbe(u, features, gen) for name, u in units.items()}
+    for u in units.values():  # the model a dendrite phase trains its candidates on
+        if u.has_candidate:
+            u.drop_candidate()
     mode = {"step": "fit"}
 
     def hook(name):
@@ -218,7 +254,8 @@ def probe(path: Path, data: str | None = None, fit_images: int = 5000, features:
                 p.solve()
     for h in handles:
         h.remove()
-    rec = {"checkpoint": str(path), "fit_images": len(sets["fit"]),
+    rec = {"checkpoint": str(path), "train_epochs": train_epochs,
+           **({"train_lr": train_lr} if train_epochs else {}), "fit_images": len(sets["fit"]),
            "eval_images": len(sets["eval"]), "features": features, "seed": seed,
            "seconds": round(time.perf_counter() - start, 1), "units": {}}
     for name, p in probes.items():
@@ -229,25 +266,31 @@ def probe(path: Path, data: str | None = None, fit_images: int = 5000, features:
     return rec
 
 
+def _kinds(units) -> list[str]:
+    return [k for k in ("linear, fit images", *KINDS, "candidate")
+            if any(k in u for u in units)]
+
+
+def _mean(units, kind) -> str:
+    have = [u for u in units if kind in u]
+    if not have:
+        return "—"
+    return f"{sum(u[kind] * u['channels'] for u in have) / sum(u['channels'] for u in have):.4f}"
+
+
 def table(rec: dict) -> str:
     """Per unit: its shape and the mean over its output channels of each fit's |r| (and of
     the candidate's, where the checkpoint holds one)."""
     units = rec["units"]
-    kinds = [k for k in ("linear, fit images", *KINDS, "candidate")
-             if any(k in u for u in units.values())]
+    kinds = _kinds(units.values())
     lines = ["| unit | channels | patch (inputs per channel) | " + " | ".join(kinds) + " |",
              "|---|---:|---:|" + "---:|" * len(kinds)]
     for name, u in units.items():
         lines.append(f"| {name} | {u['channels']} | {u['patch']} | "
                      + " | ".join(f"{u[k]:.4f}" if k in u else "—" for k in kinds) + " |")
-    total = sum(u["channels"] for u in units.values())
-
-    def mean(kind):
-        have = [u for u in units.values() if kind in u]
-        n = sum(u["channels"] for u in have)
-        return sum(u[kind] * u["channels"] for u in have) / n
-    lines.append(f"| all units (mean over their channels) | {total} | | "
-                 + " | ".join(f"{mean(k):.4f}" for k in kinds) + " |")
+    lines.append(f"| all units (mean over their channels) | "
+                 f"{sum(u['channels'] for u in units.values())} | | "
+                 + " | ".join(_mean(units.values(), k) for k in kinds) + " |")
     return "\n".join(lines)
 
 
@@ -255,14 +298,29 @@ def load(path: Path = RESULTS) -> list[dict]:
     return json.loads(path.read_text())["records"] if path.exists() else []
 
 
+def name(rec: dict) -> str:
+    """A probe's row label: its checkpoint, and the candidates it trained."""
+    trained = rec.get("train_epochs")
+    return rec["checkpoint"] + (f"; candidates trained {trained} epochs at AdamW "
+                                f"{rec['train_lr']:g}" if trained else "")
+
+
 def render(records: list[dict]) -> str:
-    parts = []
-    for rec in records:
-        parts += [f"`{rec['checkpoint']}` ({rec.get('machine', '')}): fitted on "
-                  f"{rec['fit_images']:,} training images, |r| on {rec['eval_images']:,} "
-                  f"validation images, {rec['features']} random sigmoid features per group "
-                  f"(a quarter as many, at least 8, for grouped units):", "", table(rec), ""]
-    return "\n".join(parts) or "No probe recorded yet."
+    """Every probe's means over the units' channels, then the first one's units."""
+    if not records:
+        return "No probe recorded yet."
+    kinds = _kinds(u for r in records for u in r["units"].values())
+    lines = ["| checkpoint | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+    for r in records:
+        lines.append(f"| {name(r)} | "
+                     + " | ".join(_mean(r["units"].values(), k) for k in kinds) + " |")
+    first = records[0]
+    return "\n".join([
+        f"Mean |r| over the units' output channels ({first.get('machine', '')}; fitted on "
+        f"{first['fit_images']:,} training images, |r| on {first['eval_images']:,} validation "
+        f"images, {first['features']} random sigmoid features per unit, a quarter as many, at "
+        "least 8, per group of a grouped unit):", "", *lines, "",
+        f"Unit by unit, {name(first)}:", "", table(first), ""])
 
 
 def main(argv=None) -> int:
@@ -274,6 +332,11 @@ def main(argv=None) -> int:
     p.add_argument("--features", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--train-epochs", type=int, default=0,
+                   help="train fresh candidates on the model for this many epochs first")
+    p.add_argument("--train-lr", type=float, default=0.01, help="their AdamW peak rate")
+    p.add_argument("--label", nargs="+", default=None,
+                   help="what each checkpoint is, for the report (default: its path)")
     args = p.parse_args(argv)
     if args.report:
         replace_between(DOC, BEGIN, END, render(load(args.results)))
@@ -282,10 +345,17 @@ def main(argv=None) -> int:
         p.error("give a checkpoint, or --report")
     from pb_controls import machine_name
     records = load(args.results)
-    for path in args.checkpoint:
-        rec = probe(path, args.data, args.fit_images, args.features, args.seed)
+    if args.label and len(args.label) != len(args.checkpoint):
+        p.error(f"--label: {len(args.label)} labels for {len(args.checkpoint)} checkpoints")
+    for i, path in enumerate(args.checkpoint):
+        rec = probe(path, args.data, args.fit_images, args.features, args.seed,
+                    args.train_epochs, args.train_lr)
         rec["machine"] = machine_name()
-        records = [r for r in records if r["checkpoint"] != rec["checkpoint"]] + [rec]
+        if args.label:
+            rec["checkpoint"] = args.label[i]
+        key = ("checkpoint", "train_epochs", "train_lr")
+        records = [r for r in records if [r.get(k) for k in key] != [rec.get(k) for k in key]]
+        records.append(rec)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps({"records": records}, indent=1) + "\n")
     return 0

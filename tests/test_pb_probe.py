@@ -97,9 +97,19 @@ def test_the_probe_runs_on_a_checkpoint_and_reports(tmp_path, monkeypatch):
     assert len(units) == len(convert(pb_probe.load_checkpoint(tmp_path / "run")[0]))
     for u in units.values():
         assert all(0 <= u[k] <= 1 for k in pb_probe.KINDS)
+    # fresh candidates trained on the model first: their snapshots are measured too
+    assert pb_probe.main([str(tmp_path / "run"), "--fit-images", "64", "--features", "16",
+                          "--train-epochs", "1", "--train-lr", "0.01",
+                          "--results", str(results)]) == 0
+    trained = json.loads(results.read_text())["records"]
+    assert len(trained) == 2 and trained[1]["train_epochs"] == 1
+    assert all(0 < u["candidate"] <= 1 for u in trained[1]["units"].values())
     doc = tmp_path / "doc.md"
     doc.write_text(f"a\n{pb_probe.BEGIN}\n{pb_probe.END}\nb\n")
     monkeypatch.setattr(pb_probe, "DOC", doc)
     assert pb_probe.main(["--report", "--results", str(results)]) == 0
     body = doc.read_text()
     assert "| all units (mean over their channels) |" in body and str(tmp_path / "run") in body
+    assert "candidates trained 1 epochs at AdamW 0.01" in body
+    with pytest.raises(SystemExit):  # a label per checkpoint
+        pb_probe.main([str(tmp_path / "run"), "--label", "a", "b", "--results", str(results)])
