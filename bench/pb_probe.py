@@ -19,7 +19,8 @@ is measured on the validation split:
 
 with the linear fit's |r| on the training images it was fitted to beside them, and, for a
 checkpoint taken during a dendrite phase, the |r| of the snapshot each unit's candidate would
-be adopted as (units without dendrites).
+be adopted as (units without dendrites) and the share of its outputs beyond 0.05 and 0.95 (a
+sigmoid driven into saturation).
 
 Why there is little to find: at a neuron stage's optimum the gradient of the loss with respect
 to the unit's weights, sum_p (dL/dz_p) x_p^T, is zero, so the error left at the unit is
@@ -90,6 +91,7 @@ class UnitProbe:
         kinds = KINDS + (("candidate",) if self.candidate else ())
         self.eval = {kind: torch.zeros(5, g, cg, **z) for kind in kinds}  # u, e, uu, ee, ue
         self.eval_n = 0
+        self.saturated = self.outputs = 0     # the candidate's outputs beyond 0.05 and 0.95
 
     def flat(self, y4: torch.Tensor) -> torch.Tensor:
         """A unit output's shape (N, Cout, Ho, Wo) as (G, positions, Cout / G)."""
@@ -153,6 +155,8 @@ class UnitProbe:
             kw = {k: v for k, v in self.kw.items() if k != "kernel_size"}
             v = torch.sigmoid(F.conv2d(x4.float(), *self.candidate, groups=self.groups, **kw))
             fits["candidate"] = (self.flat(v).double(), e)
+            self.saturated += ((v < 0.05) | (v > 0.95)).sum().item()
+            self.outputs += v.numel()
         for kind, (u, err) in fits.items():
             acc = self.eval[kind]
             acc += torch.stack([u.sum(1), err.sum(1), (u * u).sum(1), (err * err).sum(1),
@@ -167,6 +171,8 @@ class UnitProbe:
             var = (suu / n - (su / n) ** 2).clamp_min(0) * (see / n - (se / n) ** 2).clamp_min(0)
             out[kind] = (cov.abs() / (var.sqrt() + 1e-30)).flatten().tolist()
         out["linear, fit images"] = self.in_sample.flatten().tolist()
+        if self.outputs:
+            out["candidate saturated"] = [self.saturated / self.outputs] * self.cout
         return out
 
 
@@ -267,7 +273,7 @@ def probe(path: Path, data: str | None = None, fit_images: int = 5000, features:
 
 
 def _kinds(units) -> list[str]:
-    return [k for k in ("linear, fit images", *KINDS, "candidate")
+    return [k for k in ("linear, fit images", *KINDS, "candidate", "candidate saturated")
             if any(k in u for u in units)]
 
 

@@ -103,7 +103,8 @@ def test_the_probe_runs_on_a_checkpoint_and_reports(tmp_path, monkeypatch):
                           "--results", str(results)]) == 0
     trained = json.loads(results.read_text())["records"]
     assert len(trained) == 2 and trained[1]["train_epochs"] == 1
-    assert all(0 < u["candidate"] <= 1 for u in trained[1]["units"].values())
+    assert all(0 < u["candidate"] <= 1 and 0 <= u["candidate saturated"] <= 1
+               for u in trained[1]["units"].values())
     doc = tmp_path / "doc.md"
     doc.write_text(f"a\n{pb_probe.BEGIN}\n{pb_probe.END}\nb\n")
     monkeypatch.setattr(pb_probe, "DOC", doc)
