@@ -13,7 +13,9 @@ is measured on the validation split:
     linear     x itself: what any linear function of the patch reaches (a candidate whose
                sigmoid stays in its linear range)
     sigmoid    x and M random sigmoid features sigmoid(R x + b): what a weighted sum of M random
-               candidates of the unit's shape reaches
+               candidates of the unit's shape reaches; "beyond linear", sqrt(r_sigmoid^2 -
+               r_linear^2) per channel, is the part of it no linear function of the patch (the
+               unit's own weights) carries
     floor      the sigmoid fit against the error of another image of the batch: the level a
                correlation shows where there is no relation
 
@@ -22,11 +24,12 @@ checkpoint taken during a dendrite phase, the |r| of the snapshot each unit's ca
 be adopted as (units without dendrites) and the share of its outputs beyond 0.05 and 0.95 (a
 sigmoid driven into saturation).
 
-Why there is little to find: at a neuron stage's optimum the gradient of the loss with respect
-to the unit's weights, sum_p (dL/dz_p) x_p^T, is zero, so the error left at the unit is
-uncorrelated with every linear function of its input (up to the BatchNorm's normalisation, and
-the difference between the augmented images it trained on and these).  A candidate can add
-only what its sigmoid's curvature finds.
+Reading it: a per-position |r| is small at every stage of training (the error at one position
+is mostly the label's, not a function of the patch), so its size alone does not say how much
+there is to learn: the gradient adds it up over every position of every image.  What a
+dendrite brings that further training of the unit cannot is the part beyond linear: the
+covariance of the error with the patch is the gradient of the unit's own weights, which the
+next neuron stage follows anyway.
 
     python bench/pb_probe.py runs/pb_controls/cpu16/baseline-es/seed0   # a run folder or .pt
     python bench/pb_probe.py --report      # the table into docs/pb_controls.md
@@ -44,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cifar_table import replace_between
+from cifar_table import replace_between, save_record
 
 from pbp_fast.core import DendriticUnit, PBConfig
 from pbp_fast.recipe.checkpoint import load_checkpoint
@@ -170,6 +173,10 @@ class UnitProbe:
             cov = sue / n - su * se / n ** 2
             var = (suu / n - (su / n) ** 2).clamp_min(0) * (see / n - (se / n) ** 2).clamp_min(0)
             out[kind] = (cov.abs() / (var.sqrt() + 1e-30)).flatten().tolist()
+        # what the sigmoid features add to the linear fit: sqrt(r_sigmoid^2 - r_linear^2), the
+        # part no linear function of the patch (the unit's own weights) can carry
+        lin, sig = torch.tensor(out["linear"]), torch.tensor(out["sigmoid"])
+        out["beyond linear"] = (sig * sig - lin * lin).clamp_min(0).sqrt().tolist()
         out["linear, fit images"] = self.in_sample.flatten().tolist()
         if self.outputs:
             out["candidate saturated"] = [self.saturated / self.outputs] * self.cout
@@ -261,7 +268,7 @@ def probe(path: Path, data: str | None = None, fit_images: int = 5000, features:
     for h in handles:
         h.remove()
     rec = {"checkpoint": str(path), "train_epochs": train_epochs,
-           **({"train_lr": train_lr} if train_epochs else {}), "fit_images": len(sets["fit"]),
+           "train_lr": train_lr if train_epochs else None, "fit_images": len(sets["fit"]),
            "eval_images": len(sets["eval"]), "features": features, "seed": seed,
            "seconds": round(time.perf_counter() - start, 1), "units": {}}
     for name, p in probes.items():
@@ -273,7 +280,8 @@ def probe(path: Path, data: str | None = None, fit_images: int = 5000, features:
 
 
 def _kinds(units) -> list[str]:
-    return [k for k in ("linear, fit images", *KINDS, "candidate", "candidate saturated")
+    return [k for k in ("linear, fit images", "linear", "sigmoid", "beyond linear", "floor",
+                        "candidate", "candidate saturated")
             if any(k in u for u in units)]
 
 
@@ -312,10 +320,12 @@ def name(rec: dict) -> str:
 
 
 def render(records: list[dict]) -> str:
-    """Every probe's means over the units' channels, then the first one's units."""
+    """Every probe's means over the units' channels (the models as they are first, then those
+    with candidates trained by the probe), then the first one's units."""
     if not records:
         return "No probe recorded yet."
-    kinds = _kinds(u for r in records for u in r["units"].values())
+    records = sorted(records, key=lambda r: bool(r.get("train_epochs")))
+    kinds = _kinds([u for r in records for u in r["units"].values()])
     lines = ["| checkpoint | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
     for r in records:
         lines.append(f"| {name(r)} | "
@@ -350,7 +360,6 @@ def main(argv=None) -> int:
     if not args.checkpoint:
         p.error("give a checkpoint, or --report")
     from pb_controls import machine_name
-    records = load(args.results)
     if args.label and len(args.label) != len(args.checkpoint):
         p.error(f"--label: {len(args.label)} labels for {len(args.checkpoint)} checkpoints")
     for i, path in enumerate(args.checkpoint):
@@ -359,11 +368,9 @@ def main(argv=None) -> int:
         rec["machine"] = machine_name()
         if args.label:
             rec["checkpoint"] = args.label[i]
-        key = ("checkpoint", "train_epochs", "train_lr")
-        records = [r for r in records if [r.get(k) for k in key] != [rec.get(k) for k in key]]
-        records.append(rec)
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps({"records": records}, indent=1) + "\n")
+        # under the results file's lock, re-read: probes may run side by side
+        save_record(args.results, rec, key=("checkpoint", "train_epochs", "train_lr"),
+                    order=lambda r: 0)
     return 0
 
 

@@ -82,6 +82,7 @@ def test_the_sigmoid_features_find_an_even_function_the_linear_fit_cannot():
     r = _probe(unit, error, features=128)
     assert (r["linear"] < 0.05).all()
     assert (r["sigmoid"] > 0.5).all()
+    assert torch.allclose(r["beyond linear"], (r["sigmoid"] ** 2 - r["linear"] ** 2).sqrt())
 
 
 def test_the_probe_runs_on_a_checkpoint_and_reports(tmp_path, monkeypatch):
@@ -102,7 +103,7 @@ def test_the_probe_runs_on_a_checkpoint_and_reports(tmp_path, monkeypatch):
                           "--train-epochs", "1", "--train-lr", "0.01",
                           "--results", str(results)]) == 0
     trained = json.loads(results.read_text())["records"]
-    assert len(trained) == 2 and trained[1]["train_epochs"] == 1
+    assert len(trained) == 2 and trained[1]["train_epochs"] == 1   # a record of its own
     assert all(0 < u["candidate"] <= 1 and 0 <= u["candidate saturated"] <= 1
                for u in trained[1]["units"].values())
     doc = tmp_path / "doc.md"
@@ -112,5 +113,7 @@ def test_the_probe_runs_on_a_checkpoint_and_reports(tmp_path, monkeypatch):
     body = doc.read_text()
     assert "| all units (mean over their channels) |" in body and str(tmp_path / "run") in body
     assert "candidates trained 1 epochs at AdamW 0.01" in body
+    summary = [line for line in body.splitlines() if line.startswith("| checkpoint |")][0]
+    assert "| candidate | candidate saturated |" in summary
     with pytest.raises(SystemExit):  # a label per checkpoint
         pb_probe.main([str(tmp_path / "run"), "--label", "a", "b", "--results", str(results)])
