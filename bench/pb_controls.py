@@ -256,12 +256,15 @@ def same_start(a: dict, b: dict) -> bool:
 
 
 def code_commit() -> str:
-    """This checkout's commit, "+" when its tree differs from it (unknown outside git)."""
+    """This checkout's commit, "+" when its tree differs from it outside ``bench/results``
+    (where the runs write their records; unknown outside git)."""
     def git(*args):
         return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
                               check=False).stdout.strip()
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                  ":(exclude)bench/results")
+    return head + ("+" if changed else "")
 
 
 def paired(runs: list[dict], ref: list[dict]) -> str:
