@@ -157,8 +157,9 @@ DEPENDENT = ("restarts", "untrained", "matched")  # arms that need the pb run of
 
 def _record(results: Path, setup: str, arm: str, seed: int) -> dict | None:
     """The record of ``arm``'s run of ``seed`` on this machine."""
+    here = machine_name()
     return next((r for r in load_records(results) if (r["setup"], r["arm"], r["seed"]) ==
-                 (setup, arm, seed) and machine(r) == machine_name()), None)
+                 (setup, arm, seed) and machine(r) == here), None)
 
 
 def source_arm(arm: str) -> str | None:
