@@ -117,7 +117,7 @@ std::vector<at::Tensor> member_weights(const at::Tensor& weight, const at::Tenso
 
 // ---------------------------------------------------------------- pointwise, forward
 // 1x1 convs (stride 1, no padding, groups 1): one GEMM for all members per tile into a
-// cache-sized buffer (per sample in NCHW; per 256 pixels in NHWC or when Ho*Wo == 1, e.g. a
+// cache-sized buffer (per sample in NCHW; per tile of pixels in NHWC or when Ho*Wo == 1, e.g. a
 // Linear), then the epilogue from that buffer: the stacked conv output never reaches memory.
 
 template <typename T>
@@ -150,7 +150,13 @@ void pw_fwd(const Geom& g, const at::Tensor& x, const at::Tensor& w_all, const a
     });
     return;
   }
-  const int64_t rows = g.N * HW, P = 256;
+  // Rows per tile: a GEMM call has per-call costs that a 256 x 16 tile does not amortise, so a
+  // tile's output fills about 256 KB (an L2 slice, still cache-resident for the epilogue), at
+  // least 256 rows, and there are at least two tiles per thread.
+  const int64_t rows = g.N * HW, threads = at::get_num_threads();
+  const int64_t P = std::max<int64_t>(
+      std::min<int64_t>({std::max<int64_t>(256, 65536 / MO), 4096,
+                         (rows + 2 * threads - 1) / (2 * threads)}), 32);
   const auto x2 = x.permute({0, 2, 3, 1}).reshape({rows, g.Cin});
   const auto wt = w_all.t();
   at::parallel_for(0, (rows + P - 1) / P, 1, [&](int64_t t0, int64_t t1) {
