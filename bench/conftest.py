@@ -140,7 +140,12 @@ def interleave(benchmark, step, plain_step, rounds, warmup_rounds=1):
 
     benchmark.pedantic(step, setup=before_round, rounds=rounds, warmup_rounds=warmup_rounds)
     if len(times) > warmup_rounds:  # not with --benchmark-disable
-        benchmark.extra_info["plain_ms"] = statistics.median(times[warmup_rounds:]) * 1e3
+        plain = times[warmup_rounds:]
+        benchmark.extra_info["plain_ms"] = statistics.median(plain) * 1e3
+        own = getattr(getattr(getattr(benchmark, "stats", None), "stats", None), "data", [])
+        if len(own) == len(plain):  # each round over the plain step just before it
+            benchmark.extra_info["vs_plain_paired"] = statistics.median(
+                t / p for t, p in zip(own, plain))
 
 
 @pytest.fixture
@@ -165,7 +170,8 @@ def ratio_rows(benchmarks):
         plain = runs.get((b.extra_info.get("plain"), "plain"))
         plain_ms = b.extra_info.get("plain_ms", plain and plain.stats.median * 1e3)
         if plain_ms:
-            row.update(plain_ms=plain_ms, vs_plain=t * 1e3 / plain_ms)
+            row.update(plain_ms=plain_ms, vs_plain=b.extra_info.get("vs_plain_paired",
+                                                                    t * 1e3 / plain_ms))
             floor = b.extra_info.get("flop_floor")
             if floor is not None and floor > 1.001:  # the added time over the added FLOPs
                 row.update(added_vs_floor=(row["vs_plain"] - 1) / (floor - 1))

@@ -114,6 +114,35 @@ def test_the_interleaved_fixture_times_the_baseline_before_every_round():
     assert 2.0 <= b.extra_info["plain_ms"] < 50
 
 
+def test_each_round_is_divided_by_the_plain_step_just_before_it():
+    """The machine slows down halfway (every step takes twice as long): the ratio of the two
+    medians is off, the median of the per-round ratios is not."""
+    case_s, plain_s = [0.13, 0.13, 0.26, 0.26, 0.26], [0.10, 0.10, 0.10, 0.20, 0.20]
+
+    class Benchmark:
+        extra_info = {}
+
+        class stats:
+            class stats:
+                data = []
+
+        def pedantic(self, target, setup, rounds, warmup_rounds):
+            for _ in range(warmup_rounds + rounds):
+                setup()
+            self.stats.stats.data = list(case_s)  # the rounds' own times
+
+    b = Benchmark()
+    with pytest.MonkeyPatch.context() as mp:  # the plain steps' clock: start 0, end its time
+        clock = iter([t for p in plain_s for t in (0.0, p)])
+        mp.setattr(bench.time, "perf_counter", lambda: next(clock))
+        bench.interleave(b, lambda: None, lambda: None, rounds=5, warmup_rounds=0)
+    assert b.extra_info["plain_ms"] == pytest.approx(100.0)
+    assert b.extra_info["vs_plain_paired"] == pytest.approx(1.3)
+    row = bench.ratio_rows([_bench("D=1", "cpp", 0.26, plain="plain", flop_floor=4 / 3,
+                                   **b.extra_info)])[0]
+    assert row["vs_plain"] == pytest.approx(1.3)  # not 0.26 / 0.10 = 2.6
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_the_bench_keeps_freed_memory_mapped_and_says_so():
     """With glibc's defaults a freed block of 32 MiB or more goes back to the kernel and the next
