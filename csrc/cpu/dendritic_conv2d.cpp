@@ -151,8 +151,8 @@ void pw_fwd(const Geom& g, const at::Tensor& x, const at::Tensor& w_all, const a
     return;
   }
   // Rows per tile: a GEMM call has per-call costs that a 256 x 16 tile does not amortise, so a
-  // tile's output fills about 256 KB (an L2 slice, still cache-resident for the epilogue), at
-  // least 256 rows, and there are at least two tiles per thread.
+  // tile's output fills about 256 KB (an L2 slice, still cache-resident for the epilogue): 256
+  // to 4096 rows, fewer (down to 32) where that leaves no two tiles per thread.
   const int64_t rows = g.N * HW, threads = at::get_num_threads();
   const int64_t P = std::max<int64_t>(
       std::min<int64_t>({std::max<int64_t>(256, 65536 / MO), 4096,
