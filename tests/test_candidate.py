@@ -120,17 +120,22 @@ def test_correlation_is_normalised_covariance_or_pearson():
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_pointwise_candidate_on_1x1_maps(dtype):
-    """A 1x1 candidate on 1x1 maps (a Linear unit): the GEMM over the batch's rows, whose
-    (N, C, 1, 1) tensors are both NCHW- and channels_last-contiguous."""
+@pytest.mark.parametrize("kind", ["pointwise", "dense3x3", "depthwise3x3"])
+def test_candidate_on_1x1_maps(dtype, kind):
+    """A candidate on 1x1 maps (a Linear unit, a squeeze-excitation layer; a 3x3 conv with
+    padding 1 on a 1x1 map sees its centre tap only): (N, C, 1, 1) tensors are both NCHW- and
+    channels_last-contiguous, and the kernels run their channels_last lines on them."""
     g = torch.Generator().manual_seed(0)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g, dtype=dtype)
-    x, w, e = rnd(9, 12, 1, 1), rnd(7, 12, 1, 1) * 0.5, rnd(9, 7, 1, 1)
-    s = torch.rand(2, 9, 7, 1, 1, generator=g, dtype=dtype)
-    args = (x, w, rnd(7), rnd(2, 7), s, e, rnd(7) * 0.1, torch.sign(rnd(7)))
-    assert_cpp_matches_reference(args, {}, 1e-5 if dtype == torch.float32 else 1e-10)
+    cin, cout, k, groups = {"pointwise": (12, 7, 1, 1), "dense3x3": (12, 7, 3, 1),
+                            "depthwise3x3": (7, 7, 3, 7)}[kind]
+    x, w, e = rnd(9, cin, 1, 1), rnd(cout, cin // groups, k, k) * 0.5, rnd(9, cout, 1, 1)
+    s = torch.rand(2, 9, cout, 1, 1, generator=g, dtype=dtype)
+    args = (x, w, rnd(cout), rnd(2, cout), s, e, rnd(cout) * 0.1, torch.sign(rnd(cout)))
+    conv = dict(padding=k // 2, groups=groups)
+    assert_cpp_matches_reference(args, conv, 1e-5 if dtype == torch.float32 else 1e-10)
 
 
 def candidate_bn_case(seed, dtype):

@@ -103,6 +103,37 @@ def test_forward_and_gradients_match_reference(seed):
             torch.testing.assert_close(g[k], g_ref[k], atol=gtol * scale, rtol=gtol, msg=k)
 
 
+@pytest.mark.parametrize("kind", ["pointwise", "dense3x3", "depthwise3x3"])
+@pytest.mark.parametrize("d,has_main", [(1, False), (3, False), (2, True)])
+def test_1x1_maps_match_reference(kind, d, has_main):
+    """Units on 1x1 maps (a Linear, a squeeze-excitation layer; a 3x3 conv with padding 1 on a
+    1x1 map sees its centre tap only), cascade and base included, every gradient: their
+    (N, C, 1, 1) tensors are both NCHW- and channels_last-contiguous, and the kernels run
+    their channels_last lines (C contiguous outputs) on them."""
+    g = torch.Generator().manual_seed(d)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+    cin, cout, k, groups = {"pointwise": (12, 7, 1, 1), "dense3x3": (12, 7, 3, 1),
+                            "depthwise3x3": (7, 7, 3, 7)}[kind]
+    w = rnd(cout, cin // groups, k, k) * 0.3
+    t = dict(x=rnd(9, cin, 1, 1), weight=w if has_main else None,
+             bias=rnd(cout) if has_main else None, d_weight=rnd(d, *w.shape) * 0.3,
+             d_bias=rnd(d, cout), d_scale=rnd(d, cout), d_cascade=rnd(d, d, cout),
+             base=rnd(9, cout, 1, 1))
+    conv = dict(stride=1, padding=k // 2, dilation=1, groups=groups)
+    gy = rnd(9, cout, 1, 1)
+    y_ref, s_ref, g_ref = run(t, conv, "reference", gy)
+    y, s, g = run(t, conv, "cpp", gy)
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(s, s_ref, atol=1e-10, rtol=1e-10)
+    for name in g_ref:
+        if g_ref[name] is None:  # d_cascade with D = 1: no entry j < k is read
+            assert g[name] is None or not g[name].any(), name
+            continue
+        torch.testing.assert_close(g[name], g_ref[name], atol=1e-10, rtol=1e-10, msg=name)
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_x_gradient_is_exactly_the_main_convs(seed):
     t, conv = random_case(seed, torch.float64)
