@@ -100,7 +100,7 @@ def test_block(benchmark, flop_floor, interleaved, mode, d, layout, path):
     benchmark.extra_info.update(
         path=path, plain=plain_group(mode, layout),
         flop_floor=flop_floor(block_step(forward, params, grad_y, mode, "reference"), plain))
-    interleaved(benchmark, block_step(forward, params, grad_y, mode, path), plain, rounds=7)
+    interleaved(benchmark, block_step(forward, params, grad_y, mode, path), plain, rounds=15)
 
 
 def candidate_block(d, channels_last, backend, bn=False):
@@ -142,7 +142,7 @@ def test_block_dendrite_phase(benchmark, flop_floor, interleaved, d, layout, pat
     benchmark.extra_info.update(
         path=path, plain=plain_group("forward_backward", layout),
         flop_floor=flop_floor(candidate_block(d, layout == "channels_last", "reference"), plain))
-    interleaved(benchmark, candidate_block(d, layout == "channels_last", path), plain, rounds=7)
+    interleaved(benchmark, candidate_block(d, layout == "channels_last", path), plain, rounds=15)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -157,4 +157,4 @@ def test_block_dendrite_phase_bn(benchmark, flop_floor, interleaved, layout, pat
     benchmark.extra_info.update(
         path=path, plain=plain_group("forward_backward", layout),
         flop_floor=flop_floor(candidate_block(1, cl, "reference", bn=True), plain))
-    interleaved(benchmark, candidate_block(1, cl, path, bn=True), plain, rounds=7)
+    interleaved(benchmark, candidate_block(1, cl, path, bn=True), plain, rounds=15)

@@ -35,7 +35,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 BATCH = 256 if CUDA else 32
 FUSED = "triton" if CUDA else "cpp"
-ROUNDS = 30 if CUDA else 9
+ROUNDS = 30 if CUDA else 15
 CASES = [("plain", "plain"), ("neuron D=0", FUSED)] + [
     (case, path) for case in ("neuron D=1", "neuron D=3", "dendrite D=0", "dendrite D=1")
     for path in ("reference", FUSED) + (("perforatedai",) if case.startswith("neuron") else ())]
