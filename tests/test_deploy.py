@@ -154,7 +154,8 @@ def test_fold_errors_name_the_problem():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         deploy.fold("model")
     conv = nn.Conv2d(2, 2, 1)
-    unit = add_random_dendrites(DendriticConv2d(conv, nn.BatchNorm2d(2, track_running_stats=False)), 1)
+    bn = nn.BatchNorm2d(2, track_running_stats=False)
+    unit = add_random_dendrites(DendriticConv2d(conv, bn), 1)
     with pytest.raises(ValueError, match="no running statistics"):
         deploy.fold(nn.Sequential(unit))
     # without dendrites such a BatchNorm simply stays
