@@ -40,8 +40,8 @@ def _make(conv, bn, backend):
 
 
 def _manual(unit, x):
-    """y = BN(conv(x)) + sum_k alpha_k s_k written out with F.conv2d (docs/design.md, "The
-    math")."""
+    """y = BN(conv(x)) + sum_k alpha_k s_k written out with F.conv2d
+    (docs/design.md, "The math")."""
     z = unit._main(x)
     kw = unit._conv_kw
     s = []
