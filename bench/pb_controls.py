@@ -454,9 +454,10 @@ def main(argv=None) -> int:
         for path in (README, DOC):
             replace_between(path, BEGIN, END, body)
         for setup in SETUPS:
-            # the figures show the machine with the most runs of PB and its controls
+            # the figures show the machine with the most runs of PB and its controls (a recorded
+            # one on a tie)
             runs = [r for r in records if r["setup"] == setup and r["arm"] in ARMS]
-            shown = max(sorted({machine(r) for r in runs}, key=lambda m: m != EARLIER),
+            shown = max(sorted({machine(r) for r in runs}, key=lambda m: m == EARLIER),
                         key=lambda m: sum(machine(r) == m for r in runs), default=None)
             for f in plot([r for r in records if machine(r) == shown], setup, FIGURES):
                 print(f"wrote {f}")
