@@ -69,8 +69,7 @@ std::vector<double> dw_candidate(const Geom& g, const Args<T>& p) {
   const CandAcc ix{D, C};
   const int64_t size = ix.taps() + C * KK;
   const bool cl = g.channels_last;
-  const int64_t sample = HW * C * (KK + ix.taps() / C);  // elements x the sums each feeds
-  return chunked_sum(g.N, size, sample, [&](int64_t n0, int64_t n1, double* acc) {
+  return chunked_sum(g.N, size, HW, [&](int64_t n0, int64_t n1, double* acc) {
     std::vector<T> a(cl ? kPixBlock * C : g.Wo);
     std::vector<const T*> sl(D);
     std::vector<int64_t> xoff(KK), woff(KK);
@@ -128,10 +127,9 @@ template <typename T>
 std::vector<double> candidate_epilogue(const Geom& g, T* a, const Args<T>& p) {
   const int64_t D = (int64_t)p.s.size(), C = g.Cout, HW = g.HW();
   const CandAcc ix{D, C};
-  const bool cl = g.channels_last || HW == 1;  // on a 1x1 map both layouts are (N, C)
-  const int64_t line = cl ? ix.taps() : HW * ix.taps();  // elements x the sums each feeds
-  return chunked_sum(cl ? g.N * HW : g.N, ix.taps(), line, [&](int64_t l0, int64_t l1,
-                                                               double* acc) {
+  const bool cl = channel_lines(g);
+  return chunked_sum(cl ? g.N * HW : g.N, ix.taps(), cl ? 1 : HW, [&](int64_t l0, int64_t l1,
+                                                                      double* acc) {
     std::vector<const T*> sl(D);
     Partial<T> part(cl ? ix.taps() : 0);  // NHWC: sums over kRun pixels in T
     for (int64_t l = l0; l < l1; ++l) {

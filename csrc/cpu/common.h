@@ -97,6 +97,10 @@ inline at::Tensor pw_grad_weight(const Geom& g, const at::Tensor& gy, const at::
 
 inline bool is_depthwise(const Geom& g) { return g.groups == g.Cin && g.Cout == g.Cin; }
 
+// Whether the epilogues run lines of Cout contiguous outputs, one per pixel: in channels_last,
+// and on 1x1 maps, where an (N, C, 1, 1) tensor is (N, C) in both layouts.
+inline bool channel_lines(const Geom& g) { return g.channels_last || g.HW() == 1; }
+
 // The stacked (D, N, C, Ho, Wo) activations with every slice in the layout of y.
 inline at::Tensor empty_stacked(int64_t D, const Geom& g, const at::TensorOptions& opt) {
   if (g.channels_last)
@@ -321,14 +325,13 @@ PBP_INLINE void bwd_line(int64_t L, int64_t D, int64_t Cout, const T* gy, const 
 
 // Deterministic parallel reduction: items [0, n) are cut into a fixed number of chunks (not
 // depending on the thread count), each chunk sums into its own float64 buffer of `size`, and
-// the buffers are added in chunk order. `per_item` is an item's work in accumulator updates
-// (its elements times the sums each feeds): a chunk gets at least 128 buffers' worth, as
-// zeroing and adding its buffer cost about one update per entry (a 1x1 map: one chunk, not 32
-// of one pixel each), and there are at most 64 chunks.
+// the buffers are added in chunk order. An item covers `pixels` output pixels, each of which
+// updates about the whole buffer once; zeroing and adding back a chunk's buffer costs about
+// as much, so a chunk gets at least 128 pixels (a 1x1 map: one chunk, not 32 of one pixel
+// each), and there are at most 64 chunks.
 template <typename F>
-std::vector<double> chunked_sum(int64_t n, int64_t size, int64_t per_item, const F& body) {
-  const double work = double(n) * double(per_item) / (128.0 * double(std::max<int64_t>(size, 1)));
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({n, 64, int64_t(work)}));
+std::vector<double> chunked_sum(int64_t n, int64_t size, int64_t pixels, const F& body) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({n, 64, n * pixels / 128}));
   std::vector<double> bufs(chunks * size, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c)

@@ -75,7 +75,7 @@ void epilogue_fwd(const Geom& g, const View<T>& main, const std::vector<View<T>>
                   const std::vector<View<T>>& s) {
   const int64_t D = (int64_t)a.size(), C = g.Cout, HW = g.HW();
   const bool save = !s.empty();
-  const bool cl = g.channels_last || HW == 1;  // on a 1x1 map both layouts are (N, C)
+  const bool cl = channel_lines(g);
   at::parallel_for(0, cl ? g.N * HW : g.N * C, 16, [&](int64_t l0, int64_t l1) {
     const int64_t L = cl ? C : HW;
     std::vector<T> tmp(D * L);
@@ -278,10 +278,9 @@ std::vector<double> epilogue_bwd(const Geom& g, const View<T>& gy, const std::ve
   const int64_t D = (int64_t)s.size(), C = g.Cout, HW = g.HW();
   const BwdAcc ix{D, C};
   const bool need_da = mask[3] || mask[4] || mask[6];
-  const bool cl = g.channels_last || HW == 1;  // on a 1x1 map both layouts are (N, C)
+  const bool cl = channel_lines(g);
   const int64_t lines = cl ? g.N * HW : g.N;
-  const int64_t line = cl ? ix.size() : HW * ix.size();  // elements x the sums each feeds
-  return chunked_sum(lines, ix.size(), line, [&](int64_t l0, int64_t l1, double* acc) {
+  return chunked_sum(lines, ix.size(), cl ? 1 : HW, [&](int64_t l0, int64_t l1, double* acc) {
     const int64_t L = cl ? C : HW;
     std::vector<T> tmp(D * L);
     std::vector<T*> dl(D);
