@@ -136,6 +136,50 @@ def test_1x1_maps_match_reference(kind, d, has_main, dtype, tol):
         torch.testing.assert_close(g[name], g_ref[name], atol=gtol, rtol=gtol, msg=name)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("n,hw,cin,cout,d,has_main", [
+    (3, (13, 11), 5, 7, 2, True),     # 429 pixels: row-group tiles, the last group ragged
+    (2, (16, 16), 24, 16, 1, True),   # 512 pixels, whole groups, columns in whole panels
+    (4, (9, 10), 3, 5, 3, False),     # 360 pixels, no main conv
+    (2, (3, 3), 9, 20, 1, True),      # 18 pixels: few rows, one library GEMM
+])
+def test_channels_last_1x1_row_groups_match_reference(n, hw, cin, cout, d, has_main, dtype,
+                                                      tol, threads):
+    """The channels_last 1x1 forward's GEMM (`gemm_groups` over groups of 6 pixels, the stacked
+    columns padded to whole panels of two vectors; few pixels: one library GEMM) against the
+    reference: pixel counts not a multiple of 6, column counts not a multiple of a panel, one
+    and two threads, every gradient."""
+    g = torch.Generator().manual_seed(cin * cout + d)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    w = rnd(cout, cin, 1, 1) * 0.3
+    cl = torch.channels_last
+    t = dict(x=rnd(n, cin, *hw).contiguous(memory_format=cl), weight=w if has_main else None,
+             bias=rnd(cout) if has_main else None, d_weight=rnd(d, *w.shape) * 0.3,
+             d_bias=rnd(d, cout), d_scale=rnd(d, cout), d_cascade=rnd(d, d, cout),
+             base=rnd(n, cout, *hw).contiguous(memory_format=cl))
+    conv = dict(stride=1, padding=0, dilation=1, groups=1)
+    gy = rnd(n, cout, *hw).contiguous(memory_format=cl)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, s, grads = run(t, conv, "cpp", gy)
+    finally:
+        torch.set_num_threads(before)
+    y_ref, s_ref, g_ref = run(t, conv, "reference", gy)
+    assert y.is_contiguous(memory_format=cl)
+    torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(s, s_ref, atol=tol, rtol=tol)
+    gtol = 10 * tol if dtype == torch.float32 else tol
+    for name in g_ref:
+        if g_ref[name] is None:
+            assert grads[name] is None or not grads[name].any(), name
+            continue
+        torch.testing.assert_close(grads[name], g_ref[name], atol=gtol, rtol=gtol, msg=name)
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_x_gradient_is_exactly_the_main_convs(seed):
     t, conv = random_case(seed, torch.float64)

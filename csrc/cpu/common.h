@@ -114,9 +114,102 @@ template <typename T>
 struct Simd {
   static constexpr int64_t W = 32 / sizeof(T);
   typedef T V __attribute__((vector_size(32)));
+#if defined(__AVX__)  // explicit unaligned moves: GCC lowers a memcpy of an array of vectors
+                      // in a loop to 16-byte copies through the stack
+  static PBP_INLINE V load(const T* p) {
+    if constexpr (std::is_same_v<T, float>) return (V)_mm256_loadu_ps(p);
+    else return (V)_mm256_loadu_pd(p);
+  }
+  static PBP_INLINE void store(T* p, const V& v) {
+    if constexpr (std::is_same_v<T, float>) _mm256_storeu_ps(p, (__m256)v);
+    else _mm256_storeu_pd(p, (__m256d)v);
+  }
+#else
   static PBP_INLINE V load(const T* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
   static PBP_INLINE void store(T* p, const V& v) { std::memcpy(p, &v, sizeof v); }
+#endif
+  static PBP_INLINE V splat(T s) {  // every lane s, one broadcast instruction
+#if defined(__AVX__)
+    if constexpr (std::is_same_v<T, float>) return (V)_mm256_set1_ps(s);
+    else return (V)_mm256_set1_pd(s);
+#else
+    return V{} + s;  // an addition (-0.0 + 0.0 is not -0.0) besides the broadcast
+#endif
+  }
 };
+
+// ---------------------------------------------------------------- row-group GEMM (1x1, NHWC)
+// out = bias + x w^T for a group of kGemmRows rows of x (pixels, K contiguous channels) and all
+// N columns, in registers: for the 1x1 units' few input channels (K of 16 to 576) a library
+// GEMM per tile repacks both operands at every call and goes through a tile in L2, where this
+// packs w once per op call and leaves each group's outputs in L1 for the epilogue.
+
+// w (N, K) and bias (N) packed in panels of kPanel = 2 vectors of columns: panel p holds, for
+// k = 0 .. K - 1, w[p * kPanel + i][k] for i < kPanel (zeros past N), then bias likewise.
+template <typename T>
+struct PackedCols {
+  static constexpr int64_t kPanel = 2 * Simd<T>::W;
+  int64_t K = 0, N = 0, NP = 0;  // NP: N rounded up to whole panels (the row stride of out)
+  std::vector<T> w, bias;
+  PackedCols(const T* w_, const T* bias_, int64_t N_, int64_t K_)
+      : K(K_), N(N_), NP((N_ + kPanel - 1) / kPanel * kPanel), w(NP * K_), bias(NP, T(0)) {
+    for (int64_t j = 0; j < N && bias_; ++j) bias[j] = bias_[j];
+    // panel by panel, written in order (kPanel rows of w read side by side)
+    at::parallel_for(0, NP / kPanel, std::max<int64_t>(1, 4096 / (K * kPanel)),
+                     [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        T* out = w.data() + p * K * kPanel;
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t i = 0; i < kPanel; ++i) {
+            const int64_t j = p * kPanel + i;
+            out[k * kPanel + i] = j < N ? w_[j * K + k] : T(0);
+          }
+      }
+    });
+  }
+};
+
+constexpr int64_t kGemmRows = 6;  // 6 rows x 2 vectors: 12 accumulators of 16 vector registers
+
+// out[r * NP + j] = bias[j] + sum_k x[r * K + k] * w[j][k] for r < kGemmRows, the NP columns of
+// panels [p0, p1) (j from p0 * kPanel).
+template <typename T>
+PBP_INLINE void gemm_rows(const PackedCols<T>& b, const T* x, int64_t p0, int64_t p1, T* out) {
+  using S = Simd<T>;
+  constexpr int64_t R = kGemmRows, P = PackedCols<T>::kPanel;
+  const int64_t K = b.K;
+  for (int64_t p = p0 * P; p < p1 * P; p += P) {
+    const T* wp = b.w.data() + p * K;
+    typename S::V acc[R][2];
+    const auto b0 = S::load(b.bias.data() + p), b1 = S::load(b.bias.data() + p + S::W);
+    for (int64_t r = 0; r < R; ++r) { acc[r][0] = b0; acc[r][1] = b1; }
+    for (int64_t k = 0; k < K; ++k) {
+      const auto w0 = S::load(wp + k * P), w1 = S::load(wp + k * P + S::W);
+      for (int64_t r = 0; r < R; ++r) {
+        const auto xv = S::splat(x[r * K + k]);
+        acc[r][0] += xv * w0;
+        acc[r][1] += xv * w1;
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      S::store(out + r * b.NP + p, acc[r][0]);
+      S::store(out + r * b.NP + p + S::W, acc[r][1]);
+    }
+  }
+}
+
+// The same for `groups` consecutive groups of kGemmRows rows (x and out advance by whole
+// groups), panel by panel in slices of about 16 KB of packed w, so that a slice stays in L1
+// while it meets every group.
+template <typename T>
+PBP_INLINE void gemm_groups(const PackedCols<T>& b, const T* x, int64_t groups, T* out) {
+  constexpr int64_t R = kGemmRows, P = PackedCols<T>::kPanel;
+  const int64_t panels = b.NP / P;
+  const int64_t step = std::max<int64_t>(1, (16384 / int64_t(sizeof(T))) / (b.K * P));
+  for (int64_t q = 0; q < panels; q += step)
+    for (int64_t gi = 0; gi < groups; ++gi)
+      gemm_rows(b, x + gi * R * b.K, q, std::min(panels, q + step), out + gi * R * b.NP);
+}
 
 // 2^n for an integral n in [-126, 127] held as a float (or a vector of them): its exponent bits.
 PBP_INLINE float pow2(float n) {

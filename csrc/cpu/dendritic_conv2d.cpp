@@ -117,8 +117,9 @@ std::vector<at::Tensor> member_weights(const at::Tensor& weight, const at::Tenso
 
 // ---------------------------------------------------------------- pointwise, forward
 // 1x1 convs (stride 1, no padding, groups 1): one GEMM for all members per tile into a
-// cache-sized buffer (per sample in NCHW; per tile of pixels in NHWC or when Ho*Wo == 1, e.g. a
-// Linear), then the epilogue from that buffer: the stacked conv output never reaches memory.
+// cache-sized buffer (per sample in NCHW, through ATen; per tile of 48 pixels in NHWC or when
+// Ho*Wo == 1, e.g. a Linear, through gemm_groups), then the epilogue from that buffer: the
+// stacked conv output never reaches memory.
 
 template <typename T>
 void pw_fwd(const Geom& g, const at::Tensor& x, const at::Tensor& w_all, const at::Tensor& b_all,
@@ -150,35 +151,47 @@ void pw_fwd(const Geom& g, const at::Tensor& x, const at::Tensor& w_all, const a
     });
     return;
   }
-  // Rows per tile: a GEMM call has per-call costs that a 256 x 16 tile does not amortise, so a
-  // tile's output fills about 256 KB (an L2 slice, still cache-resident for the epilogue): 256
-  // to 4096 rows, fewer (down to 32) where that leaves no two tiles per thread.
-  const int64_t rows = g.N * HW, threads = at::get_num_threads();
-  const int64_t P = std::max<int64_t>(
-      std::min<int64_t>({std::max<int64_t>(256, 65536 / MO), 4096,
-                         (rows + 2 * threads - 1) / (2 * threads)}), 32);
-  const auto x2 = x.permute({0, 2, 3, 1}).reshape({rows, g.Cin});
-  const auto wt = w_all.t();
-  at::parallel_for(0, (rows + P - 1) / P, 1, [&](int64_t t0, int64_t t1) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: again per worker
-    auto buf = at::empty({P, MO}, x.options());
+  // NHWC (or a 1x1 map): tiles of kTileGroups groups of kGemmRows pixels through gemm_groups
+  // into a buffer that stays in L2, then the epilogue from there. With fewer than four tiles a
+  // thread (a Linear, the last small maps), one library GEMM (its own threads, w read once
+  // by each), then the epilogue.
+  constexpr int64_t kTileGroups = 8;
+  const int64_t rows = g.N * HW, K = g.Cin, R = kGemmRows, TR = kTileGroups * R;
+  const int64_t groups = (rows + R - 1) / R, tiles = (rows + TR - 1) / TR;
+  auto x2 = x.permute({0, 2, 3, 1}).reshape({rows, K});
+  auto epilogue = [&](int64_t r0, int64_t r1, const T* buf, int64_t ld) {  // buf: row r0
     std::vector<T> tmp(D * O);
     std::vector<const T*> a(D);
     std::vector<T*> sl(D);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r0 = t * P, r1 = std::min(rows, r0 + P);
-      auto out = buf.narrow(0, 0, r1 - r0);
-      at::addmm_out(out, b_all, x2.narrow(0, r0, r1 - r0), wt);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = r / HW, pix = r % HW;
-        const T* row = buf.data_ptr<T>() + (r - r0) * MO;
-        for (int64_t k = 0; k < D; ++k) {
-          a[k] = row + (M - D + k) * O;
-          sl[k] = save ? s[k].at(n, 0, pix) : tmp.data() + k * O;
-        }
-        fwd_line<true>(O, D, O, (const T*)base.at(n, 0, pix), has_main ? row : nullptr, a.data(),
-                       alpha, casc, y.at(n, 0, pix), sl.data());
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / HW, pix = r % HW;
+      const T* row = buf + (r - r0) * ld;
+      for (int64_t k = 0; k < D; ++k) {
+        a[k] = row + (M - D + k) * O;
+        sl[k] = save ? s[k].at(n, 0, pix) : tmp.data() + k * O;
       }
+      fwd_line<true>(O, D, O, (const T*)base.at(n, 0, pix), has_main ? row : nullptr, a.data(),
+                     alpha, casc, y.at(n, 0, pix), sl.data());
+    }
+  };
+  if (tiles < 4 * at::get_num_threads()) {
+    const auto out = at::addmm(b_all, x2, w_all.t());
+    at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+      epilogue(r0, r1, out.data_ptr<T>() + r0 * MO, MO);
+    });
+    return;
+  }
+  if (rows % R) x2 = at::cat({x2, x2.new_zeros({groups * R - rows, K})});  // whole groups
+  x2 = x2.contiguous();
+  const auto w2 = w_all.contiguous(), b2 = b_all.contiguous();
+  const PackedCols<T> packed(w2.data_ptr<T>(), b2.data_ptr<T>(), MO, K);
+  const T* X = x2.data_ptr<T>();
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> buf(TR * packed.NP);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * TR, r1 = std::min(rows, r0 + TR);
+      gemm_groups(packed, X + r0 * K, (r1 - r0 + R - 1) / R, buf.data());
+      epilogue(r0, r1, buf.data(), packed.NP);
     }
   });
 }
