@@ -119,7 +119,7 @@ std::vector<at::Tensor> member_weights(const at::Tensor& weight, const at::Tenso
 // 1x1 convs (stride 1, no padding, groups 1): one GEMM for all members per tile into a
 // cache-sized buffer (per sample in NCHW, through ATen; per tile of 48 pixels in NHWC or when
 // Ho*Wo == 1, e.g. a Linear, through gemm_groups), then the epilogue from that buffer: the
-// stacked conv output never reaches memory.
+// stacked conv output never reaches memory (except for few pixels, one ATen GEMM).
 
 template <typename T>
 void pw_fwd(const Geom& g, const at::Tensor& x, const at::Tensor& w_all, const at::Tensor& b_all,
