@@ -52,6 +52,7 @@ import torch
 from pbp_fast import cli
 from pbp_fast.core import History, convert
 from pbp_fast.recipe.flags import config_from_args
+from pbp_fast.recipe.lr_search import TRIAL_EVENT, kept_epochs
 from pbp_fast.recipe.models import create_model
 from pbp_fast.recipe.trainer import train
 
@@ -169,9 +170,12 @@ def source_arm(arm: str) -> str | None:
 
 
 def stage_lengths(curve: list) -> tuple[int, ...]:
-    """The lengths of a run's neuron stages from its recorded curve."""
-    return History([{"phase": "neuron" if p == "n" else "dendrite", "event": event}
-                    for _, p, _, event in curve]).stage_lengths()
+    """The lengths of a run's neuron stages from its recorded curve: of the path it kept, the
+    discarded trials of a starting-rate search left out."""
+    kept = [curve[i] for i in kept_epochs([event for *_, event in curve])]
+    return History([{"phase": "neuron" if p == "n" else "dendrite",
+                     "event": "" if event.startswith(TRIAL_EVENT) else event}
+                    for _, p, _, event in kept]).stage_lengths()
 
 
 def candidate_scores(pb_history: Path) -> list[list]:

@@ -101,6 +101,18 @@ def test_an_ablations_replay_is_the_restarts_control_with_its_flags(setup):
     assert controls.source_arm("restarts") == "pb" and controls.source_arm("pb-pearson") is None
 
 
+def test_a_replay_takes_the_stages_of_the_kept_path():
+    """A starting-rate search's discarded trials are not stages: the replay of pb-lr-search
+    gets the lengths of the stages its run kept (the controller's record)."""
+    def curve(spec):  # (phase, event) per epoch
+        return [[i + 1, p, 50.0, e] for i, (p, e) in enumerate(spec)]
+    stage = [("n", "")] * 3 + [("n", "start_dendrite_phase"), ("d", ""), ("d", "add_dendrites")]
+    trials = [("n", ""), ("n", "lr_trial: x0.1"), ("n", ""), ("n", "lr_trial: x0.01"),
+              ("n", ""), ("n", "lr_trial: x0.1 kept"), ("n", ""), ("n", "stop")]
+    assert controls.stage_lengths(curve(stage + trials)) == (4, 4)  # 3 + end; trial 2 + 2
+    assert controls.stage_lengths(curve(stage + [("n", "")] * 5)) == (4, 5)
+
+
 def test_matched_width_is_the_nearest_count():
     target = controls.count("mobilenet_tiny", 1.0) + 3000
     w = controls.matched_width("mobilenet_tiny", 1.0, target)

@@ -13,6 +13,7 @@ from pbp_fast import cli
 from pbp_fast.recipe.data import encode_jpegs, save_packed_jpeg
 from pbp_fast.recipe import (PB_LR, TrainConfig, build_optimizer, build_scheduler,
                              format_table, train)
+from pbp_fast.recipe.lr_search import kept_epochs
 
 # A tiny, fast recipe: MobileNetV2 x0.25 on 8x8 digits.
 FAST = ["--data", "digits", "--image-size", "8", "--model", "mobilenet_v2", "--width-mult",
@@ -358,6 +359,20 @@ def test_the_starting_rate_search_steps_down_while_it_helps():
     assert s.after_epoch(99.0, lambda: "x") is None and not s.active
 
 
+def test_kept_epochs_leave_out_the_discarded_trials():
+    """kept_epochs: a trial sends the run back to its stage's start; "kept" to the end of the
+    trial before it; the last trial, and epochs outside a search, stay."""
+    events = ["", "add_dendrites",                  # 0, 1: the stage starts after epoch 1
+              "", "lr_trial: x0.1",                 # 2, 3: trial 1, back to the start
+              "", "lr_trial: x0.01",                # 4, 5: trial 2 (better), back again
+              "", "lr_trial: x0.1 kept",            # 6, 7: trial 3 worse: to trial 2's end
+              "", "start_dendrite_phase", ""]       # 8, 9, 10: the stage goes on from there
+    assert kept_epochs(events) == [0, 1, 4, 5, 8, 9, 10]
+    assert kept_epochs(["", "restart", "", "lr_trial: x0.1", "", ""]) == [0, 1, 4, 5]
+    assert kept_epochs(["", "", "add_dendrites", ""]) == [0, 1, 2, 3]
+    assert kept_epochs([]) == []
+
+
 def test_pb_lr_search_retries_the_stage_at_lower_rates_and_resumes_exactly(tmp_path):
     """--pb-lr-search: after the dendrites are added, each trial epoch is followed by a new
     start of the stage at a tenth of the rate (same place in its schedule) until a trial does
@@ -380,6 +395,10 @@ def test_pb_lr_search_retries_the_stage_at_lower_rates_and_resumes_exactly(tmp_p
     with open(full / "pb_history.csv", newline="") as f:
         kept = list(csv.DictReader(f))
     assert len(kept) < len(rows) and not any("lr_trial" in r["event"] for r in kept)
+    # the kept path, read back from metrics.csv alone, is the controller's record
+    path = [rows[i] for i in kept_epochs(events)]
+    assert [(r["phase"], float(r["val_acc"])) for r in path] == \
+        [(r["phase"], float(r["score"])) for r in kept]
 
     from pbp_fast.recipe import config_from_args
     cfg = config_from_args(cli.build_parser().parse_args(

@@ -16,6 +16,26 @@ neuron stage restarts a warmup-cosine schedule, so the trial is a fixed number o
 from __future__ import annotations
 
 MAX_LOWERINGS = 3
+TRIAL_EVENT = "lr_trial"  # the event of an epoch that ends a trial (metrics.csv)
+
+
+def kept_epochs(events: list[str]) -> list[int]:
+    """The indices of the epochs a run kept, from the events of all its epochs (metrics.csv's,
+    trials included), in order: the path the controller's record holds.  A trial that ends
+    with ``lr_trial: x<rate>`` sends the run back to its stage's start (after the event that
+    began the stage), one that ends with ``lr_trial: x<rate> kept`` to the end of the trial
+    before it."""
+    path, start, prev = [], 0, []
+    for i, event in enumerate(events):
+        path.append(i)
+        if event.startswith(TRIAL_EVENT):
+            if event.endswith(" kept"):
+                path = prev
+            else:
+                prev, path = path, path[:start]
+        elif event:
+            start = len(path)
+    return path
 
 
 class StartRateSearch:

@@ -52,7 +52,7 @@ from pbp_fast.recipe import checkpoint as ckpt_io
 from pbp_fast.recipe import data as data_mod
 from pbp_fast.recipe import models
 from pbp_fast.recipe.config import TrainConfig
-from pbp_fast.recipe.lr_search import StartRateSearch
+from pbp_fast.recipe.lr_search import TRIAL_EVENT, StartRateSearch
 from pbp_fast.recipe.engine import ProgressBar, evaluate, soft_cross_entropy, train_one_epoch
 from pbp_fast.recipe.optim import PB_LR, build_optimizer, build_scheduler, optimizer_field
 from pbp_fast.recipe.records import EpochRecord, TrainResult, read_csv, write_csv
@@ -311,7 +311,7 @@ class _Run:
             back = self.search.after_epoch(val_acc, self._snapshot)
             if back is not None:
                 self._restore(*back)
-                event = f"lr_trial: x{back[1]:g}{'' if self.search.active else ' kept'}"
+                event = f"{TRIAL_EVENT}: x{back[1]:g}{'' if self.search.active else ' kept'}"
         return EpochRecord(self.epoch, phase, lr, train_loss, train_acc, val_loss, val_acc,
                            params, num_d, event, time.perf_counter() - t0)
 
